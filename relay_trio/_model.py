@@ -1,0 +1,110 @@
+"""Values that cross module boundaries: reports, problems, admission results.
+
+Everything here is an immutable value (``attrs.frozen``) with no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+import attrs
+
+RESOURCE_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+PROBLEM_BASE: Final = "https://relay-trio.dev/problems/"
+MAX_KIND_LEN: Final = 64
+
+
+@attrs.frozen
+class Problem:
+    """An RFC 9457 problem: a stable ``type`` slug, HTTP status and human text.
+
+    ``extra`` members are merged into the JSON object (e.g. ``reason``, ``retry_after``).
+    """
+
+    status: int
+    slug: str
+    title: str
+    detail: str = ""
+    extra: dict[str, Any] = attrs.field(factory=dict)
+    retry_after: float | None = None
+
+    @property
+    def type(self) -> str:
+        return PROBLEM_BASE + self.slug
+
+    def to_dict(self) -> dict[str, Any]:
+        """The problem as a JSON-ready object (``type``, ``title``, ``status``, ``detail``...)."""
+        body: dict[str, Any] = {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+        }
+        if self.detail:
+            body["detail"] = self.detail
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        body.update(self.extra)
+        return body
+
+
+@attrs.frozen
+class Report:
+    """One validated report as it arrives, before admission."""
+
+    resource_id: str
+    payload: Any
+    kind: str | None = None
+
+
+@attrs.frozen
+class Accepted:
+    """An admitted report: its message id and where it was queued."""
+
+    message_id: str
+    resource_id: str
+    seq: int
+
+
+def is_valid_resource_id(value: object) -> bool:
+    """True when ``value`` is a string of 1–128 chars from ``[A-Za-z0-9._:-]``."""
+    return isinstance(value, str) and RESOURCE_ID_RE.fullmatch(value) is not None
+
+
+def validate_report(obj: object) -> Report | Problem:
+    """Check a decoded JSON body against the report schema.
+
+    Returns a :class:`Report`, or a 422 :class:`Problem` naming the first bad field.
+    Never raises.
+    """
+    if not isinstance(obj, dict):
+        return invalid("body must be a JSON object")
+    unknown = set(obj) - {"resource_id", "payload", "kind"}
+    if unknown:
+        return invalid(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+    rid = obj.get("resource_id")
+    if not is_valid_resource_id(rid):
+        return invalid("resource_id must be 1-128 characters of [A-Za-z0-9._:-]", field="resource_id")
+    if "payload" not in obj:
+        return invalid("payload is required", field="payload")
+    kind = obj.get("kind")
+    if kind is not None and (not isinstance(kind, str) or not 0 < len(kind) <= MAX_KIND_LEN):
+        return invalid(f"kind must be a string of 1-{MAX_KIND_LEN} characters", field="kind")
+    assert isinstance(rid, str)
+    return Report(resource_id=rid, payload=obj["payload"], kind=kind)
+
+
+def invalid(detail: str, *, field: str | None = None) -> Problem:
+    """A 422 problem for a well-formed body with an invalid field."""
+    extra = {"field": field} if field else {}
+    return Problem(422, "invalid-field", "Invalid field", detail, extra)
+
+
+def malformed(detail: str) -> Problem:
+    """A 400 problem for a body that is not parseable JSON."""
+    return Problem(400, "malformed-json", "Malformed JSON", detail)
+
+
+def too_large(limit: int) -> Problem:
+    """A 413 problem for a body or frame over ``limit`` bytes."""
+    return Problem(413, "too-large", "Payload too large", f"limit is {limit} bytes")
