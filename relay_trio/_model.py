@@ -6,7 +6,7 @@ Everything here is an immutable value (``attrs.frozen``) with no I/O.
 from __future__ import annotations
 
 import re
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import attrs
 
@@ -108,3 +108,22 @@ def malformed(detail: str) -> Problem:
 def too_large(limit: int) -> Problem:
     """A 413 problem for a body or frame over ``limit`` bytes."""
     return Problem(413, "too-large", "Payload too large", f"limit is {limit} bytes")
+
+
+class Admitter(Protocol):
+    """The one admission path every front door (HTTP, batch, stream) feeds.
+
+    ``admit`` validates a decoded JSON value, applies the rate limit and queues an
+    admitted report for sending. It is synchronous: it never blocks and never awaits,
+    so no front door can hold shared state across a checkpoint. It never raises for
+    bad input: it returns a :class:`Problem` instead.
+    """
+
+    def admit(self, obj: object) -> Accepted | Problem: ...
+
+
+def reply_for(result: Accepted | Problem) -> dict[str, Any]:
+    """The JSON reply object for one admission result (same shape as the HTTP body)."""
+    if isinstance(result, Accepted):
+        return {"message_id": result.message_id}
+    return result.to_dict()
