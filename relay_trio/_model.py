@@ -67,7 +67,7 @@ class Accepted:
 
 
 def is_valid_resource_id(value: object) -> bool:
-    """True when ``value`` is a string of 1–128 chars from ``[A-Za-z0-9._:-]``."""
+    """True when ``value`` is a string of 1-128 chars from ``[A-Za-z0-9._:-]``."""
     return isinstance(value, str) and RESOURCE_ID_RE.fullmatch(value) is not None
 
 
@@ -84,7 +84,9 @@ def validate_report(obj: object) -> Report | Problem:
         return invalid(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
     rid = obj.get("resource_id")
     if not is_valid_resource_id(rid):
-        return invalid("resource_id must be 1-128 characters of [A-Za-z0-9._:-]", field="resource_id")
+        return invalid(
+            "resource_id must be 1-128 characters of [A-Za-z0-9._:-]", field="resource_id"
+        )
     if "payload" not in obj:
         return invalid("payload is required", field="payload")
     kind = obj.get("kind")

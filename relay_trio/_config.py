@@ -1,0 +1,342 @@
+"""Configuration: one frozen object, set by flag > environment > TOML file > default.
+
+Every field ``some_name`` is set by the flag ``--some-name``, the environment variable
+``RELAY_TRIO_SOME_NAME`` or the key ``some_name`` in the TOML file. Durations are seconds
+(floats allowed); lists are comma-separated in the environment and repeatable as flags.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+
+ENV_PREFIX: Final = "RELAY_TRIO_"
+FLUSH_MODES: Final = ("sequential", "parallel", "none")
+MIB: Final = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value. ``str()`` is one line naming the setting."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"invalid setting {setting}: {message}")
+        self.setting = setting
+
+
+def _opt(default: Any, help: str, kind: str = "", **kw: Any) -> Any:
+    return attrs.field(default=default, metadata={"help": help, "kind": kind}, **kw)
+
+
+@attrs.frozen(kw_only=True)
+class RelayConfig:
+    """Every setting of the relay, with the defaults from the design document."""
+
+    host: str = _opt("127.0.0.1", "Address the HTTP server binds.")
+    port: int = _opt(8080, "HTTP port; 0 picks any free port.")
+    data_dir: str = _opt("./relay-trio-data", "Directory for the embedded sink and spool files.")
+    upstreams: tuple[str, ...] = _opt(
+        (),
+        "Upstream URLs (http(s)://... or file://PATH.jsonl). Default: file://<data_dir>/upstream.jsonl.",
+        "list",
+    )
+    rate_per_minute: float = _opt(1.0, "Leaky-bucket rate per resource, reports per minute.")
+    burst: int = _opt(1, "Leaky-bucket burst per resource.")
+    dry_run: bool = _opt(False, "Count rate-limit rejections but admit everything.")
+    stale_ack_threshold: float = _opt(
+        14400.0,
+        "Reject a resource's reports (stale_ack) when its sends stay unacknowledged this long.",
+    )
+    eviction_interval: float | None = _opt(
+        None, "Seconds between eviction sweeps. Default: half of stale_ack_threshold.", "optfloat"
+    )
+    resource_ttl: float = _opt(14400.0, "Evict a resource idle for this long.")
+    max_resources: int = _opt(100_000, "Cap on tracked resources (LRU eviction beyond).")
+    send_timeout: float = _opt(10.0, "Deadline for one send attempt to an upstream.")
+    sender_tasks: int = _opt(8, "Number of concurrent sender tasks.")
+    send_queue_size: int = _opt(10_000, "Bound of the channel between admission and senders.")
+    ack_timeout: float = _opt(30.0, "How long a sent message waits for its ACK.")
+    retry_base: float = _opt(30.0, "Base of the capped exponential retry backoff.")
+    retry_cap: float = _opt(600.0, "Cap of the retry backoff.")
+    max_attempts: int = _opt(10, "Send attempts before a message is dead-lettered.")
+    max_age: float = _opt(14400.0, "Age after which an unacknowledged message is dead-lettered.")
+    max_dead_letters: int = _opt(10_000, "Dead letters kept in memory for GET /v1/deadletters.")
+    failures_to_down: int = _opt(3, "Consecutive failures that mark an upstream down.")
+    successes_to_up: int = _opt(3, "Consecutive successes that mark a down upstream up.")
+    probe_interval: float = _opt(5.0, "Seconds between probes of a down upstream (jittered).")
+    max_body_bytes: int = _opt(MIB, "Largest accepted request body for single reports and acks.")
+    batch_max_bytes: int = _opt(16 * MIB, "Largest accepted body for POST /v1/reports:batch.")
+    batch_max_lines: int = _opt(10_000, "Most reports in one batch request.")
+    event_ring_size: int = _opt(10_000, "Events kept in the event log.")
+    event_ring_bytes: int = _opt(64 * MIB, "Bytes kept in the event log.")
+    heartbeat_interval: float = _opt(15.0, "Seconds between SSE heartbeat comments.")
+    subscriber_buffer: int = _opt(1000, "Events buffered per SSE subscriber before it is dropped.")
+    max_subscribers: int = _opt(1000, "Global cap on SSE subscribers.")
+    max_subscribers_per_topic: int | None = _opt(
+        None, "Cap on SSE subscribers per topic. Default: max_subscribers.", "optint"
+    )
+    coalesce_interval: float = _opt(0.025, "Minimum seconds between SSE fan-out writes under load.")
+    shutdown_flush: str = _opt("sequential", "Flush mode on shutdown: sequential, parallel, none.")
+    shutdown_timeout: float = _opt(30.0, "Budget for the whole staged shutdown.")
+    ingest_token: str | None = _opt(
+        None, "Bearer token for report ingest (@FILE reads a file).", "secret"
+    )
+    ack_token: str | None = _opt(
+        None, "Bearer token for POST /v1/acks (@FILE reads a file).", "secret"
+    )
+    admin_token: str | None = _opt(
+        None, "Bearer token for /admin routes (@FILE reads a file).", "secret"
+    )
+    read_token: str | None = _opt(
+        None, "Bearer token for read APIs (@FILE reads a file).", "secret"
+    )
+    side_audit_file: str | None = _opt(
+        None, "Mirror admitted reports to this JSONL file.", "optstr"
+    )
+    side_udp: str | None = _opt(
+        None, "Mirror admitted reports as UDP datagrams to HOST:PORT.", "optstr"
+    )
+    side_webhook: str | None = _opt(None, "Mirror admitted reports to this webhook URL.", "optstr")
+    side_queue_size: int = _opt(1000, "Bound of each side sink's queue (drops beyond).")
+    side_timeout: float = _opt(2.0, "Deadline for one side-sink write.")
+    stream_listen: tuple[str, ...] = _opt(
+        (), "Stream receiver addresses: tcp://HOST:PORT, unix:///PATH, vsock://CID:PORT.", "list"
+    )
+    stream_max_connections: int = _opt(50, "Concurrent stream connections.")
+    stream_slot_wait: float = _opt(5.0, "How long a new stream connection waits for a slot.")
+    stream_idle_timeout: float = _opt(10.0, "Idle read deadline per stream connection.")
+    stream_max_frame: int = _opt(16 * MIB, "Largest stream line (report) in bytes.")
+    log_level: str = _opt("info", "Log level: debug, info, warning, error.")
+
+    @property
+    def effective_upstreams(self) -> tuple[str, ...]:
+        """The upstream list, with the embedded JSONL file sink when none is configured."""
+        if self.upstreams:
+            return self.upstreams
+        return ("file://" + str(Path(self.data_dir).absolute() / "upstream.jsonl"),)
+
+    @property
+    def effective_eviction_interval(self) -> float:
+        """Eviction ticker period: configured, or half the stale-ACK threshold."""
+        if self.eviction_interval is not None:
+            return self.eviction_interval
+        return self.stale_ack_threshold / 2
+
+    @property
+    def effective_max_subscribers_per_topic(self) -> int:
+        """Per-topic subscriber cap: configured, or the global cap."""
+        if self.max_subscribers_per_topic is not None:
+            return self.max_subscribers_per_topic
+        return self.max_subscribers
+
+    def summary(self) -> dict[str, Any]:
+        """The settings as JSON-ready values, with every token replaced by ``set``/``unset``."""
+        out: dict[str, Any] = {}
+        for f in attrs.fields(RelayConfig):
+            value = getattr(self, f.name)
+            if f.metadata["kind"] == "secret":
+                value = "set" if value else "unset"
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def config_fields() -> Iterator[attrs.Attribute[Any]]:
+    """The configuration fields in declaration order (for the CLI and the docs)."""
+    yield from attrs.fields(RelayConfig)
+
+
+def field_kind(f: attrs.Attribute[Any]) -> str:
+    """How a field's text form is parsed: int, float, bool, list, str or an opt*/secret kind."""
+    kind: str = f.metadata["kind"]
+    if kind:
+        return kind
+    return type(f.default).__name__
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "bool": _parse_bool,
+    "str": str,
+    "optstr": str,
+    "secret": str,
+    "optint": int,
+    "optfloat": float,
+}
+
+
+def coerce(f: attrs.Attribute[Any], value: object) -> Any:
+    """Turn a flag/env/TOML value into the field's type. Raises :class:`ConfigError`."""
+    kind = field_kind(f)
+    try:
+        if kind == "list":
+            if isinstance(value, str):
+                return tuple(part.strip() for part in value.split(",") if part.strip())
+            if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise ValueError("expected a list of strings")
+        if isinstance(value, str):
+            return _PARSERS[kind](value)
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind in ("int", "optint") and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in ("float", "optfloat") and isinstance(value, int | float):
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if kind in ("str", "optstr", "secret") and isinstance(value, str):
+            return value
+        raise ValueError(f"expected {kind}, got {type(value).__name__}")
+    except ValueError as exc:
+        raise ConfigError(f.name, str(exc)) from None
+
+
+def _read_secret(name: str, value: str | None) -> str | None:
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        token = Path(value[1:]).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read token file: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(name, "token file is empty")
+    return token
+
+
+def load_config(
+    flags: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> RelayConfig:
+    """Merge defaults < TOML file < environment < flags, then validate.
+
+    ``flags`` maps field names to values already given on the command line (absent =
+    not given). Raises :class:`ConfigError` naming the first bad setting; never returns an
+    invalid configuration.
+    """
+    by_name = {f.name: f for f in attrs.fields(RelayConfig)}
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(Path(config_file).read_text())
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{config_file} is not valid TOML: {exc}") from None
+        for key, raw in data.items():
+            if key not in by_name:
+                raise ConfigError(key, "unknown setting in config file")
+            values[key] = coerce(by_name[key], raw)
+    for name, f in by_name.items():
+        env_value = (env or {}).get(ENV_PREFIX + name.upper())
+        if env_value is not None:
+            values[name] = coerce(f, env_value)
+    for name, raw in (flags or {}).items():
+        if name not in by_name:
+            raise ConfigError(name, "unknown setting")
+        values[name] = coerce(by_name[name], raw)
+    for name, f in by_name.items():
+        if field_kind(f) == "secret" and name in values:
+            values[name] = _read_secret(name, values[name])
+    config = RelayConfig(**values)
+    validate(config)
+    return config
+
+
+def _require(ok: bool, setting: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(setting, message)
+
+
+def validate(config: RelayConfig) -> None:
+    """Check ranges and budgets that must fit together. Raises :class:`ConfigError`."""
+    c = config
+    for f in attrs.fields(RelayConfig):
+        value = getattr(c, f.name)
+        if isinstance(value, float):
+            _require(math.isfinite(value), f.name, "must be a finite number")
+    _require(0 <= c.port <= 65535, "port", "must be between 0 and 65535")
+    _require(c.rate_per_minute > 0, "rate_per_minute", "must be > 0")
+    _require(c.burst >= 1, "burst", "must be >= 1")
+    for name in (
+        "stale_ack_threshold",
+        "resource_ttl",
+        "send_timeout",
+        "ack_timeout",
+        "retry_base",
+        "retry_cap",
+        "max_age",
+        "heartbeat_interval",
+        "shutdown_timeout",
+        "side_timeout",
+        "probe_interval",
+        "stream_slot_wait",
+        "stream_idle_timeout",
+    ):
+        _require(getattr(c, name) > 0, name, "must be > 0")
+    _require(c.coalesce_interval >= 0, "coalesce_interval", "must be >= 0")
+    _require(c.effective_eviction_interval > 0, "eviction_interval", "must be > 0")
+    _require(c.retry_cap >= c.retry_base, "retry_cap", "must be >= retry_base")
+    for name in (
+        "max_resources",
+        "sender_tasks",
+        "send_queue_size",
+        "max_attempts",
+        "max_dead_letters",
+        "failures_to_down",
+        "successes_to_up",
+        "max_body_bytes",
+        "batch_max_bytes",
+        "batch_max_lines",
+        "event_ring_size",
+        "event_ring_bytes",
+        "subscriber_buffer",
+        "max_subscribers",
+        "side_queue_size",
+        "stream_max_connections",
+        "stream_max_frame",
+    ):
+        _require(getattr(c, name) >= 1, name, "must be >= 1")
+    _require(
+        c.effective_max_subscribers_per_topic >= 1, "max_subscribers_per_topic", "must be >= 1"
+    )
+    _require(
+        c.shutdown_flush in FLUSH_MODES,
+        "shutdown_flush",
+        f"must be one of {', '.join(FLUSH_MODES)}",
+    )
+    _require(
+        c.log_level in ("debug", "info", "warning", "error"),
+        "log_level",
+        "must be debug, info, warning or error",
+    )
+    for url in c.effective_upstreams:
+        _require(
+            url.startswith(("http://", "https://", "file://")) and len(url) > len("file://"),
+            "upstreams",
+            f"{url!r} must start with http://, https:// or file://",
+        )
+    # Seed 002: the shutdown budget must contain the budgets it waits on, or a drain
+    # that is "within its deadline" is cut off by the outer one.
+    _require(
+        c.shutdown_timeout > c.send_timeout,
+        "shutdown_timeout",
+        f"({c.shutdown_timeout}s) must exceed send_timeout ({c.send_timeout}s): "
+        "in-flight sends are drained within it",
+    )

@@ -1,0 +1,120 @@
+"""The resources table: per-resource metadata, payload cache and LRU/TTL eviction.
+
+Owned by the relay; touched only through these methods and never across a checkpoint,
+so it needs no lock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+
+
+@attrs.define(eq=False)
+class ResourceState:
+    """What the relay knows about one resource.
+
+    ``level``/``last`` are the leaky-bucket state; ``payload`` is the latest report body
+    (latest wins, rejected reports included) that retries resend.
+    """
+
+    resource_id: str
+    created_at: float
+    updated_at: float
+    level: float = 0.0
+    last: float = 0.0
+    seq: int = 0
+    payload: Any = None
+    kind: str | None = None
+    payload_seq: int = 0
+    last_acked_at: float | None = None
+    awaiting_ack_since: float | None = None
+    pending_message_id: str | None = None
+    admitted: int = 0
+    rejected: int = 0
+
+    def next_message_id(self) -> tuple[str, int]:
+        """Allocate the next ``<resource_id>:<seq>`` (seq starts at 1, monotonic)."""
+        self.seq += 1
+        return f"{self.resource_id}:{self.seq}", self.seq
+
+    def is_stale(self, now: float, threshold: float) -> bool:
+        """True when sends have gone unacknowledged for at least ``threshold`` seconds."""
+        return self.awaiting_ack_since is not None and now - self.awaiting_ack_since >= threshold
+
+
+@attrs.define(eq=False)
+class ResourceTable:
+    """A capped, LRU-ordered map of resource id → :class:`ResourceState`.
+
+    ``on_evict(state, reason)`` is called (synchronously) for every entry removed, so the
+    owner can dead-letter a pending message instead of losing it silently.
+    """
+
+    max_resources: int
+    on_evict: Callable[[ResourceState, str], None] | None = None
+    _entries: OrderedDict[str, ResourceState] = attrs.field(factory=OrderedDict, init=False)
+    evicted_lru: int = attrs.field(default=0, init=False)
+    evicted_idle: int = attrs.field(default=0, init=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[ResourceState]:
+        return iter(self._entries.values())
+
+    def get(self, resource_id: str) -> ResourceState | None:
+        """The entry, without changing its recency. Never blocks."""
+        return self._entries.get(resource_id)
+
+    def touch(self, resource_id: str, now: float) -> ResourceState:
+        """Get or create the entry, mark it most recently used at ``now``.
+
+        Creating an entry beyond ``max_resources`` evicts the least recently used one
+        (O(1)). Never blocks.
+        """
+        entries = self._entries
+        state = entries.get(resource_id)
+        if state is None:
+            state = ResourceState(resource_id, created_at=now, updated_at=now, last=now)
+            entries[resource_id] = state
+            while len(entries) > self.max_resources:
+                _, old = entries.popitem(last=False)
+                self.evicted_lru += 1
+                if self.on_evict is not None:
+                    self.on_evict(old, "evicted")
+        else:
+            state.updated_at = now
+            entries.move_to_end(resource_id)
+        return state
+
+    def evict_idle(self, now: float, ttl: float) -> list[ResourceState]:
+        """Remove entries idle (not updated) for at least ``ttl`` seconds.
+
+        An entry with a pending message is kept (its retry needs the payload cache), so
+        eviction never resets the bucket of a resource that is still in flight. Cost is
+        proportional to the number of idle entries examined, not the table size.
+        """
+        cutoff = now - ttl
+        idle: list[ResourceState] = []
+        for state in self._entries.values():
+            if state.updated_at > cutoff:
+                break
+            idle.append(state)
+        removed: list[ResourceState] = []
+        for state in idle:
+            if state.pending_message_id is not None:
+                # Keep it, but move it behind the active ones so the next sweep's
+                # early-exit scan is not blocked by it.
+                self._entries.move_to_end(state.resource_id)
+                continue
+            del self._entries[state.resource_id]
+            removed.append(state)
+        self.evicted_idle += len(removed)
+        if self.on_evict is not None:
+            for state in removed:
+                self.on_evict(state, "idle")
+        return removed
