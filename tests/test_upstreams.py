@@ -302,6 +302,21 @@ def test_due_probes_reschedules_with_jitter_within_bounds() -> None:
     assert len(times) == 2
 
 
+def test_jitter_covers_the_whole_band() -> None:
+    policy = HealthPolicy(failures_to_down=1, probe_interval=10.0, probe_jitter=0.2)
+    router = make(["http://only/ingest"], policy, seed=3)
+    router.record_failure(0, now=0.0)
+    delays = []
+    for step in range(1, 401):
+        now = step * 100.0
+        assert router.due_probes(now) == [0]
+        scheduled = router.next_probe_at()
+        assert scheduled is not None
+        delays.append(scheduled - now)
+    assert 8.0 <= min(delays) < 8.2
+    assert 11.8 < max(delays) <= 12.0
+
+
 def test_jitter_is_reproducible_from_the_seed() -> None:
     def schedule(seed: int) -> list[float | None]:
         router = make(policy=HealthPolicy(failures_to_down=1), seed=seed)
