@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,15 @@ class ScriptedSink:
         await trio.lowlevel.checkpoint()
 
 
+@asynccontextmanager
+async def running(queue: SideQueue) -> AsyncIterator[trio.Nursery]:
+    """Run ``queue`` in a nursery; a hang fails after 60 s (virtual time under autojump)."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(queue.run)
+            yield nursery
+
+
 def balance(row: dict[str, int]) -> int:
     """offered minus every place a record can be; must always be 0."""
     return row["offered"] - (
@@ -136,8 +146,7 @@ async def test_stalled_sink_fills_queue_and_offer_never_blocks(
 ) -> None:
     stalled, healthy = GatedSink(), RecordingSink()
     queue = SideQueue([stalled, healthy], queue_size=100, timeout=1000, batch_max=10)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(queue.run)
+    async with running(queue) as nursery:
         queue.offer(rec(0))
         await trio.testing.wait_all_tasks_blocked()
         assert queue.stats()["stalled"]["in_flight"] == 1
@@ -176,8 +185,7 @@ async def test_stalled_sink_does_not_starve_healthy_one(
 ) -> None:
     stalled, healthy = GatedSink(), RecordingSink()
     queue = SideQueue([stalled, healthy], queue_size=10, timeout=1000, batch_max=4)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(queue.run)
+    async with running(queue) as nursery:
         sent = []
         for burst in range(50):
             for j in range(8):
@@ -199,8 +207,7 @@ async def test_stalled_sink_does_not_starve_healthy_one(
 async def test_timeout_fires_at_exactly_timeout(autojump_clock: trio.testing.MockClock) -> None:
     stalled = GatedSink()
     queue = SideQueue([stalled], queue_size=10, timeout=2.0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(queue.run)
+    async with running(queue) as nursery:
         queue.offer(rec(1))
         queue.offer(rec(2))
         await trio.testing.wait_all_tasks_blocked()
@@ -219,8 +226,7 @@ async def test_stalled_sink_recovers_and_writes_new_records(
 ) -> None:
     stalled = GatedSink()
     queue = SideQueue([stalled], timeout=2.0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(queue.run)
+    async with running(queue) as nursery:
         queue.offer(rec(1))
         await trio.sleep(3)
         assert queue.stats()["stalled"]["timeouts"] == 1
@@ -240,8 +246,7 @@ async def test_raising_sink_is_counted_and_worker_continues(
 ) -> None:
     broken = ScriptedSink(mode="raise")
     queue = SideQueue([broken], batch_max=2)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(queue.run)
+    async with running(queue) as nursery:
         for i in range(3):
             queue.offer(rec(i))
         await trio.testing.wait_all_tasks_blocked()
@@ -260,8 +265,7 @@ async def test_drain_flushes_queue_and_closes_sinks(
 ) -> None:
     slow = ScriptedSink(delay=1.0)
     queue = SideQueue([slow], batch_max=2, timeout=5)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(queue.run)
+    async with running(queue) as nursery:
         for i in range(6):
             queue.offer(rec(i))
         assert await queue.drain(10) is True
@@ -281,8 +285,7 @@ async def test_drain_budget_exceeded_cancels_workers_and_counts_leftovers(
 ) -> None:
     stalled, healthy = GatedSink(), RecordingSink()
     queue = SideQueue([stalled, healthy], queue_size=10, timeout=100, batch_max=2)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(queue.run)
+    async with running(queue):
         for i in range(5):
             queue.offer(rec(i))
         await trio.testing.wait_all_tasks_blocked()
@@ -309,8 +312,7 @@ async def test_drain_without_run_discards_and_closes() -> None:
 
 async def test_run_twice_raises() -> None:
     queue = SideQueue([RecordingSink()])
-    async with trio.open_nursery() as nursery:
-        await nursery.start(queue.run)
+    async with running(queue) as nursery:
         with pytest.raises(RuntimeError):
             await queue.run()
         nursery.cancel_scope.cancel()
@@ -357,8 +359,7 @@ def test_accounting_always_balances(
         healthy = RecordingSink()
         queue = SideQueue([flaky, healthy], queue_size=queue_size, timeout=1.0, batch_max=batch_max)
         seq = 0
-        async with trio.open_nursery() as nursery:
-            await nursery.start(queue.run)
+        async with running(queue):
             for op, arg in ops:
                 if op == "offer":
                     # Bursts no larger than the queue never drop on a healthy sink.
@@ -396,8 +397,7 @@ async def test_audit_file_sink_writes_one_json_line_per_record(tmp_path: Path) -
     queue = SideQueue([sink], batch_max=3)
     records = [json.dumps({"seq": i, "text": "é"}, ensure_ascii=False).encode() for i in range(7)]
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(queue.run)
+        async with running(queue):
             for r in records:
                 queue.offer(r)
             assert await queue.drain(5) is True
@@ -427,8 +427,7 @@ async def test_udp_sink_sends_one_datagram_per_record() -> None:
         udp = UdpSink(host, port, max_datagram=100)
         queue = SideQueue([udp])
         records = [rec(i) for i in range(5)]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(queue.run)
+        async with running(queue):
             queue.offer(records[0])
             queue.offer(b'"' + b"x" * 200 + b'"')  # oversized: dropped, not fragmented
             for r in records[1:]:
@@ -492,8 +491,7 @@ async def test_webhook_sink_posts_json_array_and_counts_http_failures() -> None:
                 ok = WebhookSink(f"{base}/hook/200", client)
                 bad = WebhookSink(f"{base}/hook/500", client, name="webhook_500")
                 queue = SideQueue([ok, bad], batch_max=10)
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(queue.run)
+                async with running(queue):
                     for i in range(3):
                         queue.offer(rec(i))
                     assert await queue.drain(5) is True
