@@ -35,6 +35,7 @@ class ResourceState:
     pending_message_id: str | None = None
     admitted: int = 0
     rejected: int = 0
+    last_dead_letter: Any = None
 
     def next_message_id(self) -> tuple[str, int]:
         """Allocate the next ``<resource_id>:<seq>`` (seq starts at 1, monotonic)."""

@@ -1,0 +1,394 @@
+"""HTTP routes (quart-trio). Routes only: every decision is made by the :class:`Relay`.
+
+Every 4xx/5xx is ``application/problem+json`` with a stable ``type``; bad input never
+produces a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import orjson
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ._events import MAX_PAGE, TOPICS, render_page
+from ._hub import SubscriberLimit
+from ._model import Accepted, Problem, malformed, reply_for, too_large
+from ._openapi import openapi_document
+from ._ratelimit import retry_after_header
+from ._relay import Relay, parse_message_id
+from ._statuspage import STATUS_PAGE
+
+log = logging.getLogger("relay_trio.http")
+
+PROBLEM_JSON: Final = "application/problem+json"
+JSON: Final = "application/json"
+NDJSON: Final = "application/x-ndjson"
+MAX_JSON_DEPTH: Final = 64
+
+
+def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> Response:
+    """A problem+json response; 429/503 carry ``Retry-After``."""
+    response = Response(
+        orjson.dumps(problem.to_dict()), status=problem.status, content_type=PROBLEM_JSON
+    )
+    if problem.retry_after is not None:
+        response.headers["Retry-After"] = retry_after_header(problem.retry_after)
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status=status, content_type=JSON)
+
+
+def _depth_ok(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when ``value`` nests no deeper than ``limit`` (iterative: no recursion limit)."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def decode_json(body: bytes) -> object | Problem:
+    """Parse a JSON body; a 400 problem for garbage or nesting beyond the depth limit."""
+    try:
+        value: object = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return malformed(str(exc).split(":", 1)[0])
+    if isinstance(value, dict | list) and not _depth_ok(value):
+        return malformed(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def create_app(relay: Relay) -> QuartTrio:
+    """The quart-trio application serving ``relay``'s HTTP API (v1)."""
+    config = relay.config
+    app = QuartTrio("relay_trio")
+    app.config["MAX_CONTENT_LENGTH"] = max(config.max_body_bytes, config.batch_max_bytes)
+    app.config["BODY_TIMEOUT"] = 30
+    app.config["RESPONSE_TIMEOUT"] = 60
+    tokens = {
+        "ingest": config.ingest_token,
+        "ack": config.ack_token,
+        "admin": config.admin_token,
+        "read": config.read_token,
+    }
+
+    def auth_problem(scope: str) -> Problem | None:
+        expected = tokens[scope]
+        if expected is None:
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return Problem(401, "unauthorized", "Missing bearer token", f"{scope} token required")
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return Problem(403, "forbidden", "Wrong token", f"token not valid for {scope}")
+        return None
+
+    async def read_body(limit: int) -> bytes | Problem:
+        if request.content_length is not None and request.content_length > limit:
+            return too_large(limit)
+        body = await request.get_data(cache=False)
+        assert isinstance(body, bytes)
+        if len(body) > limit:
+            return too_large(limit)
+        return body
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        slug = {
+            404: "not-found",
+            405: "method-not-allowed",
+            413: "too-large",
+            408: "request-timeout",
+        }.get(status, "http-error")
+        return problem_response(Problem(status, slug, error.name, error.description or ""))
+
+    @app.errorhandler(Exception)
+    async def internal_error(error: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return problem_response(Problem(500, "internal", "Internal error", type(error).__name__))
+
+    @app.post("/v1/reports")
+    async def post_report() -> Response:
+        denied = auth_problem("ingest")
+        if denied is not None:
+            return problem_response(denied)
+        body = await read_body(config.max_body_bytes)
+        if isinstance(body, Problem):
+            return problem_response(body)
+        obj = decode_json(body)
+        if isinstance(obj, Problem):
+            return problem_response(obj)
+        result = relay.admit(obj)
+        if isinstance(result, Accepted):
+            return Response(
+                orjson.dumps({"message_id": result.message_id}), status=202, content_type=JSON
+            )
+        return problem_response(result)
+
+    @app.post("/v1/reports:batch")
+    async def post_batch() -> Response:
+        denied = auth_problem("ingest")
+        if denied is not None:
+            return problem_response(denied)
+        body = await read_body(config.batch_max_bytes)
+        if isinstance(body, Problem):
+            return problem_response(body)
+        lines = [line for line in body.split(b"\n") if line.strip()]
+        if len(lines) > config.batch_max_lines:
+            return problem_response(
+                Problem(
+                    413,
+                    "too-many-lines",
+                    "Too many reports",
+                    f"at most {config.batch_max_lines} lines",
+                )
+            )
+        out: list[bytes] = []
+        for line in lines:
+            if len(line) > config.max_body_bytes:
+                result: Accepted | Problem = too_large(config.max_body_bytes)
+            else:
+                obj = decode_json(line)
+                result = obj if isinstance(obj, Problem) else relay.admit(obj)
+            out.append(orjson.dumps(reply_for(result)))
+        out.append(b"")
+        return Response(b"\n".join(out), status=200, content_type=NDJSON)
+
+    @app.post("/v1/acks")
+    async def post_ack() -> Response:
+        denied = auth_problem("ack")
+        if denied is not None:
+            return problem_response(denied)
+        body = await read_body(config.max_body_bytes)
+        if isinstance(body, Problem):
+            return problem_response(body)
+        obj = decode_json(body)
+        if isinstance(obj, Problem):
+            return problem_response(obj)
+        ack = validate_ack(obj)
+        if isinstance(ack, Problem):
+            return problem_response(ack)
+        message_id, status, reason, retry_after = ack
+        outcome = relay.acknowledge(message_id, status, reason, retry_after)
+        return json_response({"message_id": message_id, "outcome": outcome})
+
+    @app.get("/v1/resources/<resource_id>")
+    async def get_resource(resource_id: str) -> Response:
+        denied = auth_problem("read")
+        if denied is not None:
+            return problem_response(denied)
+        view = relay.resource_view(resource_id)
+        if view is None:
+            return problem_response(
+                Problem(404, "unknown-resource", "Unknown resource", resource_id)
+            )
+        return json_response(view)
+
+    @app.get("/v1/deadletters")
+    async def get_deadletters() -> Response:
+        denied = auth_problem("read")
+        if denied is not None:
+            return problem_response(denied)
+        after = int_param("after", 0, 0, 2**62)
+        limit = int_param("limit", 100, 1, MAX_PAGE)
+        if isinstance(after, Problem):
+            return problem_response(after)
+        if isinstance(limit, Problem):
+            return problem_response(limit)
+        return json_response(relay.dead_letter_page(after or 0, limit or 100))
+
+    @app.get("/v1/events")
+    async def get_events() -> Response:
+        denied = auth_problem("read")
+        if denied is not None:
+            return problem_response(denied)
+        after = int_param("after", None, 0, 2**62)
+        limit = int_param("limit", 100, 1, MAX_PAGE)
+        topic = topic_param()
+        for value in (after, limit, topic):
+            if isinstance(value, Problem):
+                return problem_response(value)
+        assert not isinstance(after, Problem) and isinstance(limit, int)
+        assert not isinstance(topic, Problem)
+        page = relay.hub.ring.page(after, limit, topic)
+        return Response(render_page(page), status=200, content_type=JSON)
+
+    @app.get("/v1/events/stream")
+    async def get_event_stream() -> Response:
+        denied = auth_problem("read")
+        if denied is not None:
+            return problem_response(denied)
+        topic = topic_param()
+        if isinstance(topic, Problem):
+            return problem_response(topic)
+        last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+        last_id: int | None = None
+        if last is not None:
+            if not last.isdigit() or len(last) > 18:
+                return problem_response(
+                    Problem(
+                        422,
+                        "invalid-query",
+                        "Invalid Last-Event-ID",
+                        "must be a non-negative integer",
+                    )
+                )
+            last_id = int(last)
+        try:
+            subscription = relay.hub.subscribe(
+                None if topic is None else frozenset({topic}), last_id
+            )
+        except SubscriberLimit as exc:
+            return problem_response(exc.to_problem())
+
+        async def stream() -> AsyncIterator[bytes]:
+            async with subscription:
+                async for chunk in subscription.stream():
+                    yield chunk
+
+        response = Response(stream(), status=200, content_type="text/event-stream")
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Accel-Buffering"] = "no"
+        response.timeout = None
+        return response
+
+    @app.get("/v1/status")
+    async def get_status() -> Response:
+        denied = auth_problem("read")
+        if denied is not None:
+            return problem_response(denied)
+        return json_response(relay.status())
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        denied = auth_problem("read")
+        if denied is not None:
+            return problem_response(denied)
+        return Response(
+            relay.metrics.render(),
+            status=200,
+            content_type="text/plain; version=0.0.4; charset=utf-8",
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if relay.ready.value and not relay.draining:
+            return json_response({"ready": True})
+        return problem_response(
+            Problem(503, "not-ready", "Not ready", "starting or draining", retry_after=1.0)
+        )
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return json_response(openapi_document(app))
+
+    @app.post("/admin/shutdown")
+    async def admin_shutdown() -> Response:
+        problem = auth_problem("admin")
+        if problem is None and config.admin_token is None:
+            problem = Problem(
+                403, "forbidden", "Admin token not configured", "set admin_token to enable /admin"
+            )
+        if problem is not None:
+            return problem_response(problem)
+        relay.request_shutdown("admin")
+        return json_response({"shutdown": "started"}, status=202)
+
+    @app.get("/")
+    async def index() -> Response:
+        return Response(STATUS_PAGE, status=200, content_type="text/html; charset=utf-8")
+
+    return app
+
+
+def int_param(name: str, default: int | None, low: int, high: int) -> int | Problem | None:
+    """A bounded integer query parameter, or a 422 problem naming it."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 19 or not low <= int(raw) <= high:
+        return Problem(
+            422, "invalid-query", f"Invalid {name}", f"{name} must be an integer in [{low}, {high}]"
+        )
+    return int(raw)
+
+
+def topic_param() -> str | Problem | None:
+    """The optional ``topic`` query parameter, validated against the known topics."""
+    topic = request.args.get("topic")
+    if topic is not None and topic not in TOPICS:
+        return Problem(
+            422,
+            "invalid-query",
+            "Unknown topic",
+            f"topic must be one of {', '.join(sorted(TOPICS))}",
+        )
+    return topic
+
+
+def validate_ack(obj: object) -> tuple[str, str, str | None, float | None] | Problem:
+    """Check an ACK body ``{message_id, status, reason?, retry_after?}``."""
+    if not isinstance(obj, dict):
+        return Problem(422, "invalid-field", "Invalid field", "body must be a JSON object")
+    message_id = obj.get("message_id")
+    if parse_message_id(message_id) is None:
+        return Problem(
+            422,
+            "invalid-field",
+            "Invalid field",
+            "message_id must be <resource_id>:<seq>",
+            {"field": "message_id"},
+        )
+    status = obj.get("status")
+    if status not in ("ack", "nack"):
+        return Problem(
+            422, "invalid-field", "Invalid field", "status must be ack or nack", {"field": "status"}
+        )
+    reason = obj.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 256):
+        return Problem(
+            422,
+            "invalid-field",
+            "Invalid field",
+            "reason must be a string of at most 256 characters",
+            {"field": "reason"},
+        )
+    retry_after = obj.get("retry_after")
+    if retry_after is not None and (
+        isinstance(retry_after, bool)
+        or not isinstance(retry_after, int | float)
+        or not 0 <= retry_after <= 86400
+    ):
+        return Problem(
+            422,
+            "invalid-field",
+            "Invalid field",
+            "retry_after must be a number of seconds in [0, 86400]",
+            {"field": "retry_after"},
+        )
+    assert isinstance(message_id, str)
+    return message_id, status, reason, None if retry_after is None else float(retry_after)
+
+
+__all__ = ["create_app", "decode_json", "problem_response"]

@@ -1,0 +1,105 @@
+"""Prometheus metrics for one relay, in a registry of its own.
+
+Label children used on hot paths are bound once here, so recording a figure is an
+attribute lookup and an ``inc()``, not a label-tuple hash per report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+REJECT_REASONS = (
+    "rate_limited",
+    "stale_ack",
+    "invalid",
+    "malformed",
+    "too_large",
+    "draining",
+    "overloaded",
+    "unauthorized",
+)
+ACK_OUTCOMES = ("acked", "late", "unknown", "nacked")
+DEAD_REASONS = ("max_attempts", "max_age", "evicted", "shutdown")
+
+
+@attrs.define(eq=False, slots=False)
+class RelayMetrics:
+    """Every metric of the relay. Gauges that mirror state are read at scrape time."""
+
+    registry: CollectorRegistry = attrs.field(factory=lambda: CollectorRegistry(auto_describe=True))
+
+    def __attrs_post_init__(self) -> None:
+        r = self.registry
+        self.reports_received = Counter(
+            "relay_reports_received_total", "Reports received on any front door", registry=r
+        )
+        self.reports_admitted = Counter(
+            "relay_reports_admitted_total", "Reports admitted and queued for sending", registry=r
+        )
+        rejected = Counter(
+            "relay_reports_rejected_total", "Reports rejected, by reason", ["reason"], registry=r
+        )
+        self.rejected = {reason: rejected.labels(reason) for reason in REJECT_REASONS}
+        self.dry_run_would_reject = Counter(
+            "relay_dry_run_would_reject_total",
+            "Reports admitted in dry-run mode that the limiter would have rejected",
+            registry=r,
+        )
+        self.sends = Counter(
+            "relay_sends_total",
+            "Send attempts, by upstream and outcome",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        acks = Counter(
+            "relay_acks_total", "ACK/NACK messages received, by outcome", ["outcome"], registry=r
+        )
+        self.acks = {outcome: acks.labels(outcome) for outcome in ACK_OUTCOMES}
+        self.retries = Counter("relay_retries_total", "Resends scheduled by the UMH", registry=r)
+        dead = Counter(
+            "relay_dead_letters_total", "Messages dead-lettered, by reason", ["reason"], registry=r
+        )
+        self.dead_letters = {reason: dead.labels(reason) for reason in DEAD_REASONS}
+        self.superseded = Counter(
+            "relay_superseded_total", "Pending messages superseded by a newer report", registry=r
+        )
+        self.evictions = Counter(
+            "relay_resource_evictions_total", "Resources evicted, by cause", ["cause"], registry=r
+        )
+        self.events_published = Counter(
+            "relay_events_published_total", "Events published to the event log", registry=r
+        )
+        self.side_drops = Counter(
+            "relay_side_queue_drops_total",
+            "Side-queue records dropped, by sink",
+            ["sink"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "relay_http_request_duration_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )
+
+    def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """Register a gauge whose value is read from the relay's state at scrape time."""
+        g = Gauge(name, doc, registry=self.registry)
+        g.set_function(read)
+
+    def labelled_gauge(self, name: str, doc: str, label: str) -> Gauge:
+        """A gauge with one label, set by the owner (e.g. per-upstream up/down)."""
+        return Gauge(name, doc, [label], registry=self.registry)
+
+    def value(self, name: str, **labels: str) -> int:
+        """Current value of one counter sample (0 if never recorded)."""
+        return int(self.registry.get_sample_value(name, labels) or 0)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
