@@ -1,0 +1,438 @@
+"""The event hub: Trio fan-out of the event ring to SSE subscribers.
+
+Shape: ``publish()`` is synchronous (ring append + pending batch); one flusher task
+(``run``) delivers batches with a leading-edge throttle: the first event on a quiet hub
+is delivered at once, later events accumulate for ``coalesce_interval`` and go out as
+one joined byte chunk per subscriber. On this stack each SSE write dominates the cost,
+so writes per subscriber, not events, are what we minimise. Each batch's pre-encoded
+SSE frames are joined once per distinct topic filter and shared by every subscriber
+with that filter.
+
+Every subscriber has its own bounded memory channel and counted buffer. A subscriber
+that falls behind is overflowed: it gets a final ``overflow`` event and its stream
+ends; it never grows memory or slows the publisher (seed 004). Dead subscribers are
+pruned at admission, so they never count against the caps.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import AsyncGenerator, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Final, Literal
+
+import attrs
+import orjson
+import trio
+
+from ._events import TOPICS, Event, EventRing, format_sse
+from ._model import Problem
+
+HEARTBEAT: Final = b": heartbeat\n\n"
+
+#: Events per replay chunk read from the ring (one write each).
+REPLAY_PAGE: Final = 500
+
+# Joined SSE frames and how many events they hold.
+_Chunk = tuple[bytes, int]
+_Filter = frozenset[str] | None
+
+
+@attrs.define(eq=False)
+class SubscriberLimit(Exception):
+    """Admission refused: a subscriber cap is reached or the hub is closed (→ HTTP 503).
+
+    ``scope`` names the cap (``"global"``, ``"topic"``, or ``"closed"`` while shutting
+    down), ``topic`` the full topic for a topic cap, ``retry_after`` a hint in seconds.
+    """
+
+    scope: Literal["global", "topic", "closed"]
+    limit: int
+    retry_after: float
+    topic: str | None = None
+
+    def __str__(self) -> str:
+        if self.scope == "closed":
+            return "event hub is shutting down"
+        where = f"topic {self.topic!r}" if self.topic else "global"
+        return f"{where} subscriber limit of {self.limit} reached"
+
+    def to_problem(self) -> Problem:
+        """A 503 problem (``type`` slug ``subscriber-limit``) carrying ``retry_after``."""
+        extra: dict[str, Any] = {"scope": self.scope, "limit": self.limit}
+        if self.topic is not None:
+            extra["topic"] = self.topic
+        return Problem(
+            503, "subscriber-limit", "Too many subscribers", str(self), extra, self.retry_after
+        )
+
+
+@attrs.define(eq=False)
+class _Subscriber:
+    """Hub-side state of one subscriber. Only the hub and its own Subscription touch it."""
+
+    topics: _Filter
+    send: trio.MemorySendChannel[_Chunk]
+    # Live events with id <= live_after are covered by the ring replay (replay/live race).
+    live_after: int
+    owner: weakref.ref[Subscription] | None = None
+    buffered_events: int = 0
+    buffered_bytes: int = 0
+    # Newest id handed to this subscriber (replay bound or live).
+    last_id: int = 0
+    # Frame the stream yields once the channel is drained (overflow or shutdown).
+    end: bytes | None = None
+
+
+def _canonical_filter(topics: frozenset[str] | None) -> _Filter:
+    if topics is None:
+        return None
+    unknown = topics - TOPICS
+    if unknown:
+        raise ValueError(f"unknown topic(s): {', '.join(sorted(unknown))}")
+    if not topics:
+        raise ValueError("topics must be None (all) or a non-empty set")
+    # All topics and "no filter" share one cached chunk per flush.
+    return None if topics == TOPICS else topics
+
+
+def _join(events: list[Event], topics: _Filter) -> tuple[bytes, int, int] | None:
+    """Joined SSE frames of the events matching ``topics``: (bytes, count, last id)."""
+    if topics is not None:
+        events = [e for e in events if e.topic in topics]
+    if not events:
+        return None
+    return b"".join([e.sse for e in events]), len(events), events[-1].id
+
+
+@attrs.define(eq=False)
+class Subscription:
+    """One SSE subscriber. Use as ``async with``; exiting unregisters it at once.
+
+    Get it from :meth:`EventHub.subscribe`; iterate :meth:`stream` once.
+    """
+
+    _hub: EventHub
+    _state: _Subscriber
+    _receive: trio.MemoryReceiveChannel[_Chunk]
+    # Replay ring events in (resume_after, replay_until]; None = no replay.
+    _resume_after: int | None
+    _replay_until: int
+    _streamed: bool = False
+
+    @property
+    def topics(self) -> frozenset[str] | None:
+        """The topic filter (``None`` = every topic)."""
+        return self._state.topics
+
+    def close(self) -> None:
+        """Unregister from the hub and close the channel. Idempotent; never blocks or raises."""
+        self._hub._unregister(self._state)
+        self._receive.close()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Synchronous cleanup: a client disconnect arrives as cancellation, and an
+        # await here would just re-raise Cancelled before unregistering.
+        self.close()
+
+    async def stream(self) -> AsyncGenerator[bytes, None]:
+        """SSE body bytes: ring replay (after a ``gap`` event if needed), then live chunks.
+
+        Yields a ``: heartbeat`` comment whenever nothing was yielded for
+        ``heartbeat_interval`` seconds. Ends after the ``overflow`` or ``shutdown``
+        event, or when the subscription is closed. Unregisters on exit (including
+        cancellation or ``aclose``). Each ``__anext__`` is a checkpoint while waiting
+        for live data. Raises ``RuntimeError`` if iterated a second time.
+        """
+        if self._streamed:
+            raise RuntimeError("Subscription.stream() may be iterated only once")
+        self._streamed = True
+        hub = self._hub
+        state = self._state
+        try:
+            last_write = trio.current_time()
+            if self._resume_after is not None:
+                for chunk in self._replay(self._resume_after):
+                    if chunk:
+                        yield chunk
+                        last_write = trio.current_time()
+                    else:
+                        await trio.lowlevel.checkpoint()
+            while True:
+                item: _Chunk | None = None
+                try:
+                    with trio.move_on_at(last_write + hub.heartbeat_interval):
+                        item = await self._receive.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                if item is None:
+                    yield HEARTBEAT
+                else:
+                    data, n = item
+                    state.buffered_events -= n
+                    state.buffered_bytes -= len(data)
+                    yield data
+                last_write = trio.current_time()
+            if state.end is not None:
+                yield state.end
+        finally:
+            self.close()
+
+    def _replay(self, after: int) -> Iterator[bytes]:
+        # Reads the ring page by page (each page copies at most REPLAY_PAGE events) and
+        # yields each page's frames joined, b"" for a page with nothing for this filter.
+        # Synchronous, so the caller needs no aclosing() and yields outside any scope.
+        ring = self._hub.ring
+        topics = self._state.topics
+        single = next(iter(topics)) if topics is not None and len(topics) == 1 else None
+        until = self._replay_until
+        cursor = after
+        while cursor < until:
+            page = ring.page(cursor, REPLAY_PAGE, single)
+            frames: list[bytes] = []
+            # Ids above `until` that left the ring were delivered live, not missed.
+            missed = min(page.gap, until - cursor)
+            if missed > 0:
+                frames.append(format_sse("gap", orjson.dumps({"missed": missed})))
+            for event in page.events:
+                if event.id > until:
+                    break
+                if topics is None or event.topic in topics:
+                    frames.append(event.sse)
+            cursor = page.next_after
+            yield b"".join(frames)
+
+
+@attrs.define(eq=False)
+class EventHub:
+    """Owns the event ring, the subscribers and their caps; fans events out to SSE streams.
+
+    ``publish`` and ``close`` are synchronous and never block; ``run`` is the flusher task
+    and must be running for live delivery (``await nursery.start(hub.run)``).
+    """
+
+    ring: EventRing = attrs.field(factory=lambda: EventRing(10_000, 64 * 1024 * 1024))
+    max_subscribers: int = attrs.field(default=1000, kw_only=True)
+    #: ``None`` means the same as ``max_subscribers``.
+    max_subscribers_per_topic: int | None = attrs.field(default=None, kw_only=True)
+    #: Events buffered per subscriber before it is overflowed.
+    subscriber_buffer: int = attrs.field(default=1000, kw_only=True)
+    #: Bytes buffered per subscriber before it is overflowed.
+    subscriber_buffer_bytes: int = attrs.field(default=16 * 1024 * 1024, kw_only=True)
+    heartbeat_interval: float = attrs.field(default=15.0, kw_only=True)
+    #: Minimum time between two flushes while events keep coming.
+    coalesce_interval: float = attrs.field(default=0.025, kw_only=True)
+    #: A pending batch this large wakes the flusher early; 4x this flushes inline.
+    max_batch: int = attrs.field(default=512, kw_only=True)
+    #: ``Retry-After`` hint for refused subscribers, seconds.
+    retry_after: float = attrs.field(default=5.0, kw_only=True)
+
+    published: int = attrs.field(init=False, default=0)
+    overflowed: int = attrs.field(init=False, default=0)
+    dropped: int = attrs.field(init=False, default=0)
+    chunks: int = attrs.field(init=False, default=0)
+    flushes: int = attrs.field(init=False, default=0)
+
+    _subs: dict[_Subscriber, None] = attrs.field(init=False, factory=dict)
+    _topic_counts: dict[str, int] = attrs.field(
+        init=False, factory=lambda: dict.fromkeys(TOPICS, 0)
+    )
+    _pending: list[Event] = attrs.field(init=False, factory=list)
+    _wake: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _full: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _closed: bool = attrs.field(init=False, default=False)
+
+    @property
+    def per_topic_cap(self) -> int:
+        cap = self.max_subscribers_per_topic
+        return self.max_subscribers if cap is None else cap
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- publishing ------------------------------------------------------------------
+
+    def publish(self, topic: str, data: Mapping[str, Any], at: str) -> Event:
+        """Append an event to the ring and queue it for live delivery.
+
+        Synchronous: never blocks, never awaits. Raises like :meth:`EventRing.publish`
+        (unknown topic, unserialisable data) without side effects. After :meth:`close`
+        events still reach the ring but no subscriber.
+        """
+        event = self.ring.publish(topic, data, at)
+        self.published += 1
+        if self._subs:
+            pending = self._pending
+            pending.append(event)
+            n = len(pending)
+            if n == 1:
+                self._wake.set()
+            elif n >= self.max_batch:
+                self._full.set()
+                # Bounds the batch even if the flusher is not running or starved.
+                if n >= 4 * self.max_batch:
+                    self._flush()
+        return event
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The flusher task: leading-edge throttled delivery. Returns after :meth:`close`."""
+        task_status.started()
+        while not self._closed:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            self._full = trio.Event()
+            self._flush()
+            if self._closed:
+                break
+            # The throttle: a lone event was delivered immediately above; whatever
+            # arrives now waits at most coalesce_interval (less if the batch fills).
+            with trio.move_on_after(self.coalesce_interval):
+                await self._full.wait()
+
+    def _flush(self) -> None:
+        batch = self._pending
+        if not batch:
+            return
+        self._pending = []
+        self.flushes += 1
+        cache: dict[_Filter, tuple[bytes, int, int] | None] = {}
+        first_id = batch[0].id
+        for sub in list(self._subs):
+            if sub.owner is not None and sub.owner() is None:
+                self._unregister(sub)
+                continue
+            if first_id <= sub.live_after:
+                # Registered while this batch was pending: its ring replay covers these.
+                joined = _join([e for e in batch if e.id > sub.live_after], sub.topics)
+            elif sub.topics in cache:
+                joined = cache[sub.topics]
+            else:
+                joined = cache[sub.topics] = _join(batch, sub.topics)
+            if joined is not None:
+                self._deliver(sub, joined)
+
+    def _deliver(self, sub: _Subscriber, joined: tuple[bytes, int, int]) -> None:
+        data, n, last = joined
+        if (
+            sub.buffered_events + n > self.subscriber_buffer
+            or sub.buffered_bytes + len(data) > self.subscriber_buffer_bytes
+        ):
+            self._overflow(sub, n)
+            return
+        try:
+            sub.send.send_nowait((data, n))
+        except trio.WouldBlock:
+            self._overflow(sub, n)
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._unregister(sub)
+            return
+        sub.buffered_events += n
+        sub.buffered_bytes += len(data)
+        sub.last_id = last
+        self.chunks += 1
+
+    def _overflow(self, sub: _Subscriber, n: int) -> None:
+        # Policy for a slow consumer: disconnect it with a final event, never buffer more.
+        self.overflowed += 1
+        self.dropped += n
+        sub.end = format_sse(
+            "overflow",
+            orjson.dumps(
+                {
+                    "reason": "slow_subscriber",
+                    "buffer": self.subscriber_buffer,
+                    "last_id": sub.last_id,
+                }
+            ),
+        )
+        self._unregister(sub)
+
+    # -- subscribers -----------------------------------------------------------------
+
+    def subscribe(
+        self, topics: frozenset[str] | None = None, last_event_id: int | None = None
+    ) -> Subscription:
+        """Admit a subscriber for ``topics`` (``None`` = all), resuming after ``last_event_id``.
+
+        Synchronous. Prunes dead subscribers first, then enforces the global and
+        per-topic caps. Raises :class:`SubscriberLimit` when a cap is reached or the hub
+        is closed, ``ValueError`` for unknown or empty topics. A ``last_event_id`` newer
+        than the ring (e.g. from before a restart) is treated as no resume point.
+
+        The subscriber is registered before the ring is read, and live events up to the
+        current ring end are dropped for it, so replay and live never lose or repeat one.
+        """
+        filt = _canonical_filter(topics)
+        if self._closed:
+            raise SubscriberLimit("closed", 0, self.retry_after)
+        self._prune()
+        if len(self._subs) >= self.max_subscribers:
+            raise SubscriberLimit("global", self.max_subscribers, self.retry_after)
+        cap = self.per_topic_cap
+        for topic in sorted(TOPICS if filt is None else filt):
+            if self._topic_counts[topic] >= cap:
+                raise SubscriberLimit("topic", cap, self.retry_after, topic)
+        live_after = self.ring.last_id
+        send, receive = trio.open_memory_channel[_Chunk](self.subscriber_buffer)
+        state = _Subscriber(filt, send, live_after, last_id=live_after)
+        resume = last_event_id if last_event_id is not None and last_event_id < live_after else None
+        sub = Subscription(self, state, receive, resume, live_after)
+        state.owner = weakref.ref(sub)
+        self._subs[state] = None
+        for topic in TOPICS if filt is None else filt:
+            self._topic_counts[topic] += 1
+        return sub
+
+    def _unregister(self, sub: _Subscriber) -> None:
+        if sub in self._subs:
+            del self._subs[sub]
+            for topic in TOPICS if sub.topics is None else sub.topics:
+                self._topic_counts[topic] -= 1
+        sub.send.close()
+
+    def _prune(self) -> None:
+        # Seed 004: a subscription dropped without cleanup must not count against the
+        # caps until some later publish happens to notice it.
+        for sub in list(self._subs):
+            if sub.owner is not None and sub.owner() is None:
+                self._unregister(sub)
+
+    def subscriber_count(self, topic: str | None = None) -> int:
+        """Live subscribers (all, or those receiving ``topic``), after pruning dead ones."""
+        self._prune()
+        if topic is None:
+            return len(self._subs)
+        return self._topic_counts[topic]
+
+    def close(self, final_event_data: Mapping[str, Any], at: str) -> Event | None:
+        """Graceful shutdown: deliver pending events, then a ``system`` shutdown event to
+        every subscriber (SSE ``event: shutdown``, with its id), and end their streams.
+
+        Synchronous, never blocks. The event's data is ``{"kind": "shutdown",
+        **final_event_data}`` and is also kept in the ring. Later subscribes raise
+        :class:`SubscriberLimit` (scope ``"closed"``); ``run`` returns. Returns the event,
+        or ``None`` if the hub was already closed.
+        """
+        if self._closed:
+            return None
+        self._flush()
+        event = self.ring.publish("system", {"kind": "shutdown", **final_event_data}, at)
+        self.published += 1
+        self._closed = True
+        frame = format_sse("shutdown", event.json, event.id)
+        for sub in list(self._subs):
+            sub.end = frame
+            self._unregister(sub)
+        self._wake.set()
+        self._full.set()
+        return event

@@ -1,0 +1,351 @@
+"""EventHub: fan-out, coalescing, heartbeats, overflow, caps, resume, shutdown (virtual time)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from typing import Any
+
+import orjson
+import pytest
+import trio
+import trio.testing
+
+from relay_trio._events import EventRing
+from relay_trio._hub import HEARTBEAT, REPLAY_PAGE, EventHub, SubscriberLimit
+
+AT = "2026-01-01T00:00:00Z"
+
+
+def parse(chunk: bytes) -> list[dict[str, str]]:
+    """SSE frames in a chunk as dicts (``comment`` for ``:`` lines)."""
+    frames = []
+    assert chunk.endswith(b"\n\n")
+    for block in chunk[:-2].split(b"\n\n"):
+        frame: dict[str, str] = {}
+        for line in block.decode().split("\n"):
+            if line.startswith(":"):
+                frame["comment"] = line[1:].strip()
+            else:
+                key, _, value = line.partition(": ")
+                frame[key] = value
+        frames.append(frame)
+    return frames
+
+
+def ids(chunks: list[bytes]) -> list[int]:
+    return [int(f["id"]) for c in chunks for f in parse(c) if "id" in f]
+
+
+@asynccontextmanager
+async def running(hub: EventHub) -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        yield nursery
+        nursery.cancel_scope.cancel()
+
+
+def publish_n(hub: EventHub, n: int, topic: str = "reports") -> None:
+    for i in range(n):
+        hub.publish(topic, {"i": i}, AT)
+
+
+async def test_heartbeat_cadence_is_exact(autojump_clock: trio.testing.MockClock) -> None:
+    hub = EventHub()
+    async with running(hub), hub.subscribe() as sub, aclosing(sub.stream()) as stream:
+        for expected in (15, 30, 45):
+            assert await anext(stream) == HEARTBEAT
+            assert trio.current_time() == expected
+        await trio.sleep(5)
+        hub.publish("acks", {"n": 1}, AT)
+        assert ids([await anext(stream)]) == [1]
+        assert trio.current_time() == 50
+        # Any write restarts the heartbeat clock.
+        assert await anext(stream) == HEARTBEAT
+        assert trio.current_time() == 65
+
+
+async def test_lone_event_is_delivered_without_tick_delay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub(coalesce_interval=0.05)
+    async with running(hub), hub.subscribe() as sub, aclosing(sub.stream()) as stream:
+        await trio.sleep(7)
+        hub.publish("reports", {"n": 1}, AT)
+        assert ids([await anext(stream)]) == [1]
+        assert trio.current_time() == 7
+        # Within the throttle window the next event waits for the window to end...
+        await trio.sleep(0.01)
+        hub.publish("reports", {"n": 2}, AT)
+        assert ids([await anext(stream)]) == [2]
+        assert trio.current_time() == 7 + 0.05
+        # ...but once the hub is quiet again, delivery is immediate.
+        await trio.sleep(1)
+        hub.publish("reports", {"n": 3}, AT)
+        assert ids([await anext(stream)]) == [3]
+        assert trio.current_time() == 7 + 0.05 + 1
+
+
+async def test_burst_is_coalesced_into_few_chunks(autojump_clock: trio.testing.MockClock) -> None:
+    hub = EventHub(coalesce_interval=0.025)
+    got: list[bytes] = []
+    done = trio.Event()
+    async with running(hub) as nursery, hub.subscribe() as sub:
+
+        async def read() -> None:
+            async with aclosing(sub.stream()) as stream:
+                async for chunk in stream:
+                    got.append(chunk)
+                    if ids(got)[-1:] == [1000]:
+                        done.set()
+
+        nursery.start_soon(read)
+        for i in range(1000):  # one event per ms for one second
+            hub.publish("reports", {"i": i}, AT)
+            await trio.sleep(0.001)
+        with trio.fail_after(1):
+            await done.wait()
+    assert ids(got) == list(range(1, 1001))
+    # Leading edge + one flush per 25 ms window: ~41 writes for 1000 events.
+    assert 30 <= len(got) <= 45
+    assert hub.chunks == len(got)
+
+
+async def test_full_batch_flushes_early_and_pending_is_bounded() -> None:
+    hub = EventHub(max_batch=100, subscriber_buffer=10_000)
+    sub = hub.subscribe()
+    # The flusher is not running: publish must still never buffer without bound.
+    publish_n(hub, 1000)
+    assert len(hub._pending) < 400
+    assert hub.flushes == 2
+    sub.close()
+
+
+async def test_slow_subscriber_is_overflowed_fast_one_gets_all(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub(subscriber_buffer=50)
+    fast_chunks: list[bytes] = []
+    async with running(hub) as nursery, hub.subscribe() as fast, hub.subscribe() as slow:
+
+        async def read_fast() -> None:
+            async with aclosing(fast.stream()) as stream:
+                async for chunk in stream:
+                    fast_chunks.append(chunk)
+
+        nursery.start_soon(read_fast)
+        for _ in range(10):
+            publish_n(hub, 50)
+            await trio.sleep(0.1)
+        assert ids(fast_chunks) == list(range(1, 501))
+        assert (hub.overflowed, hub.dropped) == (1, 50)
+        assert hub.subscriber_count() == 1
+        # The slow one gets what fit in its buffer, then `overflow`, then its stream ends.
+        async with aclosing(slow.stream()) as stream:
+            slow_chunks = [c async for c in stream]
+        frames = [f for c in slow_chunks for f in parse(c)]
+        assert [int(f["id"]) for f in frames[:-1]] == list(range(1, 51))
+        assert frames[-1]["event"] == "overflow"
+        assert "id" not in frames[-1]
+        assert orjson.loads(frames[-1]["data"]) == {
+            "reason": "slow_subscriber",
+            "buffer": 50,
+            "last_id": 50,
+        }
+
+
+async def test_byte_cap_also_overflows(autojump_clock: trio.testing.MockClock) -> None:
+    hub = EventHub()
+    async with running(hub), hub.subscribe() as sub:
+        for _ in range(3):
+            size = len(hub.publish("reports", {"pad": "x" * 900}, AT).sse)
+            hub.subscriber_buffer_bytes = 2 * size + 10  # room for two events, not three
+            await trio.sleep(1)
+        assert hub.overflowed == 1 and hub.subscriber_count() == 0
+        async with aclosing(sub.stream()) as stream:
+            frames = [f for c in [c async for c in stream] for f in parse(c)]
+        assert [f.get("id") for f in frames] == ["1", "2", None]
+        assert frames[-1]["event"] == "overflow"
+
+
+async def test_caps_raise_with_scope() -> None:
+    hub = EventHub(max_subscribers=3, max_subscribers_per_topic=1, retry_after=7)
+    a = hub.subscribe(frozenset({"reports"}))
+    with pytest.raises(SubscriberLimit) as info:
+        hub.subscribe(None)  # all topics includes the full "reports"
+    assert (info.value.scope, info.value.topic, info.value.limit) == ("topic", "reports", 1)
+    problem = info.value.to_problem()
+    assert (problem.status, problem.retry_after, problem.extra["scope"]) == (503, 7, "topic")
+    # Kept referenced: a dropped Subscription would be pruned as dead.
+    kept = [hub.subscribe(frozenset({"acks"})), hub.subscribe(frozenset({"drops", "system"}))]
+    with pytest.raises(SubscriberLimit) as info:
+        hub.subscribe(frozenset({"deadletter"}))
+    assert (info.value.scope, info.value.limit, info.value.retry_after) == ("global", 3, 7)
+    assert hub.subscriber_count() == 3
+    assert hub.subscriber_count("reports") == 1 and hub.subscriber_count("deadletter") == 0
+    a.close()
+    kept.append(hub.subscribe(frozenset({"deadletter"})))
+    with pytest.raises(ValueError):
+        hub.subscribe(frozenset({"nope"}))
+    with pytest.raises(ValueError):
+        hub.subscribe(frozenset())
+
+
+async def test_disconnected_subscribers_leave_the_count_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub(max_subscribers=1)
+    async with running(hub):
+        async with hub.subscribe() as sub:
+            assert hub.subscriber_count() == 1
+            # A client disconnect arrives as cancellation of the body generator.
+            with trio.move_on_after(3):
+                async with aclosing(sub.stream()) as stream:
+                    async for _ in stream:
+                        pass
+            assert hub.subscriber_count() == 0
+        assert hub.subscriber_count() == 0
+        # A subscription dropped without any cleanup is pruned at admission (seed 004).
+        hub.subscribe()
+        gc.collect()
+        async with hub.subscribe():
+            assert hub.subscriber_count() == 1
+        assert hub.subscriber_count("reports") == 0
+
+
+async def test_resume_yields_exactly_the_missed_events(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub()
+    publish_n(hub, 10)
+    async with (
+        running(hub),
+        hub.subscribe(last_event_id=6) as sub,
+        aclosing(sub.stream()) as stream,
+    ):
+        assert ids([await anext(stream)]) == [7, 8, 9, 10]
+        hub.publish("reports", {}, AT)
+        assert ids([await anext(stream)]) == [11]
+
+
+async def test_resume_point_left_the_ring_gives_gap(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub(EventRing(5, 1 << 20))
+    for i in range(10):
+        hub.publish("acks" if i % 2 else "reports", {"i": i}, AT)
+    # Retained: 6..10. Ids 3, 4, 5 were missed by a client that saw 2.
+    async with (
+        running(hub),
+        hub.subscribe(frozenset({"acks"}), last_event_id=2) as sub,
+        aclosing(sub.stream()) as stream,
+    ):
+        frames = parse(await anext(stream))
+    assert frames[0] == {"event": "gap", "data": '{"missed":3}'}
+    assert [int(f["id"]) for f in frames[1:]] == [6, 8, 10]
+    assert {f["event"] for f in frames[1:]} == {"acks"}
+
+
+async def test_future_last_event_id_is_a_fresh_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub()
+    publish_n(hub, 3)
+    async with (
+        running(hub),
+        hub.subscribe(last_event_id=900) as sub,  # an id from before a restart
+        aclosing(sub.stream()) as stream,
+    ):
+        hub.publish("reports", {}, AT)
+        assert ids([await anext(stream)]) == [4]
+
+
+async def test_events_pending_at_subscribe_are_not_duplicated(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub()
+    async with running(hub), hub.subscribe() as other:
+        publish_n(hub, 5)  # pending, not yet flushed
+        async with hub.subscribe(last_event_id=2) as sub, aclosing(sub.stream()) as stream:
+            assert ids([await anext(stream)]) == [3, 4, 5]  # from the ring
+            hub.publish("reports", {}, AT)
+            assert ids([await anext(stream)]) == [6]  # live, 3..5 not repeated
+        async with aclosing(other.stream()) as stream:
+            assert ids([await anext(stream)]) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_publishing_during_a_long_replay_loses_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub(subscriber_buffer=5000)
+    total = 2 * REPLAY_PAGE + 200
+    publish_n(hub, total)
+    seen: list[int] = []
+    async with (
+        running(hub),
+        hub.subscribe(last_event_id=0) as sub,
+        aclosing(sub.stream()) as stream,
+    ):
+        seen += ids([await anext(stream)])
+        assert seen == list(range(1, REPLAY_PAGE + 1))
+        publish_n(hub, 5)
+        await trio.sleep(1)
+        while len(seen) < total + 5:
+            seen += ids([await anext(stream)])
+    assert seen == list(range(1, total + 6))
+
+
+async def test_close_sends_shutdown_and_ends_streams(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        async with (
+            hub.subscribe(frozenset({"reports"})) as sub,
+            aclosing(sub.stream()) as stream,
+        ):
+            hub.publish("reports", {}, AT)
+            hub.publish("reports", {}, AT)
+            event = hub.close({"reason": "sigterm"}, AT)
+            chunks = [c async for c in stream]
+        # run() returned by itself: the nursery exits without a cancel.
+    assert event is not None and event.topic == "system" and event.id == 3
+    frames = [f for c in chunks for f in parse(c)]
+    assert [f["id"] for f in frames] == ["1", "2", "3"]
+    assert frames[-1]["event"] == "shutdown"
+    assert orjson.loads(frames[-1]["data"])["data"] == {"kind": "shutdown", "reason": "sigterm"}
+    assert hub.ring.last_id == 3 and hub.subscriber_count() == 0
+    assert hub.close({}, AT) is None
+    with pytest.raises(SubscriberLimit) as info:
+        hub.subscribe()
+    assert info.value.scope == "closed"
+
+
+async def test_topic_filter_and_shared_chunks(autojump_clock: trio.testing.MockClock) -> None:
+    hub = EventHub()
+    async with running(hub):
+        subs = [hub.subscribe(frozenset({"acks"})) for _ in range(3)]
+        everything = hub.subscribe(None)
+        hub.publish("reports", {}, AT)
+        hub.publish("acks", {}, AT)
+        hub.publish("drops", {}, AT)
+        await trio.testing.wait_all_tasks_blocked()
+        got: list[Any] = [s._receive.receive_nowait() for s in subs]
+        # One joined chunk per distinct filter, shared by every subscriber with that filter.
+        assert got[0][0] is got[1][0] is got[2][0]
+        assert ids([got[0][0]]) == [2]
+        assert ids([everything._receive.receive_nowait()[0]]) == [1, 2, 3]
+        for s in [*subs, everything]:
+            s.close()
+
+
+async def test_stream_can_be_iterated_once() -> None:
+    hub = EventHub()
+    sub = hub.subscribe()
+    sub.close()
+    async with aclosing(sub.stream()) as stream:
+        assert [c async for c in stream] == []
+    with pytest.raises(RuntimeError):
+        await anext(sub.stream())
