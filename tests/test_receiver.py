@@ -307,3 +307,28 @@ async def test_vsock_listener_binds_or_is_skipped_with_one_warning(
     else:
         assert len(warnings) == 1
         assert "skipping" in warnings[0].getMessage()
+
+
+@attrs.define(eq=False)
+class ExplodingAdmitter(FakeAdmitter):
+    def admit(self, obj: object) -> Accepted | Problem:
+        if isinstance(obj, dict) and obj.get("resource_id") == "boom":
+            raise RuntimeError("admitter bug")
+        return super().admit(obj)
+
+
+async def test_a_failing_connection_does_not_take_down_the_listener(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="relay_trio")
+    rx = StreamReceiver([parse_listen(TCP_ANY)], ExplodingAdmitter(), ReceiverLimits())
+    async with serving(rx) as bound:
+        survivor = await connect(bound[0])
+        victim = await connect(bound[0])
+        await victim.send_all(report("boom"))
+        assert await LineReader(victim).rest() == []
+        await victim.aclose()
+        await survivor.send_all(report("fine"))
+        assert await LineReader(survivor).lines(1) == [{"message_id": "fine:1"}]
+        await survivor.aclose()
+    assert "admitter bug" in caplog.text
