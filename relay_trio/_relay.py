@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from pathlib import Path
 from collections.abc import Callable
 from contextlib import aclosing
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 import attrs
@@ -73,6 +73,10 @@ class Relay:
     wall_clock: Callable[[], float] = time.time
     rng: random.Random = attrs.field(factory=random.Random)
     metrics: RelayMetrics = attrs.field(factory=RelayMetrics)
+    #: Builds the client for each upstream URL (tests inject in-memory upstreams).
+    upstream_factory: Callable[[str, float], Upstream] = attrs.field(
+        default=lambda url, deadline: open_upstream(url, timeout=deadline)
+    )
 
     bucket: LeakyBucket = attrs.field(init=False)
     resources: ResourceTable = attrs.field(init=False)
@@ -119,7 +123,7 @@ class Relay:
             ),
             self.rng,
         )
-        self.upstreams = [open_upstream(url, timeout=c.send_timeout) for url in urls]
+        self.upstreams = [self.upstream_factory(url, c.send_timeout) for url in urls]
         self.hub = EventHub(
             EventRing(c.event_ring_size, c.event_ring_bytes),
             max_subscribers=c.max_subscribers,
@@ -490,7 +494,7 @@ class Relay:
         m.gauge(
             "relay_pending_messages",
             "Messages awaiting ACK or retry",
-            lambda: self.umh.pending_count(),
+            self.umh.pending_count,
         )
         m.gauge("relay_resources", "Resources tracked", lambda: len(self.resources))
 

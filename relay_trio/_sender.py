@@ -170,12 +170,11 @@ class HttpUpstream:
 
     async def probe(self) -> bool:
         try:
-            response = await self.client.post(
-                self.url, content=b'{"probe": true}', headers={"content-type": "application/json"}
-            )
+            response = await self.client.get(self.url)
         except httpx.HTTPError:
             return False
-        return 200 <= response.status_code < 300
+        # Any answer below 500 (a 405 included) shows the server is up and routing.
+        return response.status_code < 500
 
     async def aclose(self) -> None:
         await self.client.aclose()

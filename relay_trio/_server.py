@@ -46,13 +46,14 @@ class RelayServer:
     """A relay plus its front doors (HTTP, stream receiver), run by :meth:`serve`."""
 
     config: RelayConfig
-    relay: Relay = attrs.field(init=False)
+    relay: Relay = attrs.field(
+        default=attrs.Factory(lambda self: Relay(self.config), takes_self=True)
+    )
     receiver: StreamReceiver | None = attrs.field(init=False, default=None)
     urls: list[str] = attrs.field(init=False, factory=list)
     exit_reason: str = attrs.field(init=False, default="")
 
     def __attrs_post_init__(self) -> None:
-        self.relay = Relay(self.config)
         if self.config.stream_listen:
             c = self.config
             self.receiver = StreamReceiver(

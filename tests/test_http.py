@@ -1,0 +1,131 @@
+"""The HTTP API against a real hypercorn server on 127.0.0.1:0, with httpx."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import trio
+from fake_upstream import Behaviour, run_fake_upstream
+from relay_helpers import eventually, make_config, running_server
+
+PROBLEM = "application/problem+json"
+
+
+async def test_post_admits_then_rate_limits_and_reaches_jsonl_sink(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    async with running_server(config) as (_, client):
+        first = await client.post(
+            "/v1/reports", json={"resource_id": "vm-1", "payload": {"os": "linux"}}
+        )
+        assert first.status_code == 202
+        assert first.json() == {"message_id": "vm-1:1"}
+        second = await client.post(
+            "/v1/reports", json={"resource_id": "vm-1", "payload": {"os": "bsd"}}
+        )
+        assert second.status_code == 429
+        assert second.headers["content-type"] == PROBLEM
+        assert second.headers["retry-after"] == "60"
+        assert second.json()["reason"] == "rate_limited"
+        sink = Path(config.data_dir) / "upstream.jsonl"
+        await eventually(lambda: sink.exists() and bool(sink.read_bytes()))
+        line = orjson.loads(sink.read_bytes().splitlines()[0])
+        assert line["message_id"] == "vm-1:1" and line["payload"] == {"os": "linux"}
+        state = (await client.get("/v1/resources/vm-1")).json()
+        assert state["seq"] == 1 and state["rejected"] == 1 and state["last_acked_at"] is not None
+        missing = await client.get("/v1/resources/nope")
+        assert missing.status_code == 404 and missing.headers["content-type"] == PROBLEM
+
+
+async def test_http_upstream_receives_reports_and_sync_ack(tmp_path: Path) -> None:
+    async with run_fake_upstream() as up:
+        up.behaviour = Behaviour(sync_ack=True)
+        config = make_config(tmp_path, upstreams=[up.url], rate_per_minute=6000, burst=10)
+        async with running_server(config) as (server, client):
+            for i in range(5):
+                r = await client.post(
+                    "/v1/reports", json={"resource_id": f"r{i}", "payload": i, "kind": "scan"}
+                )
+                assert r.status_code == 202
+            with trio.fail_after(5):
+                await up.wait_received(5)
+            bodies = sorted(
+                (rec.body["message_id"], rec.body["payload"], rec.body["kind"])
+                for rec in up.received
+            )
+            assert bodies == [(f"r{i}:1", i, "scan") for i in range(5)]
+            await eventually(lambda: server.relay.umh.pending_count() == 0)
+            assert server.relay.umh.acked == 5
+
+
+async def test_bad_input_gets_the_right_4xx_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    config = make_config(tmp_path, max_body_bytes=1024)
+    async with running_server(config) as (_, client):
+        cases = [
+            ("POST", "/v1/reports", b"{not json", 400),
+            ("POST", "/v1/reports", b"", 400),
+            ("POST", "/v1/reports", b"[" * 100 + b"]" * 100, 400),
+            (
+                "POST",
+                "/v1/reports",
+                b'{"resource_id": "x", "payload": "' + b"a" * 2000 + b'"}',
+                413,
+            ),
+            ("POST", "/v1/reports", b'{"resource_id": 7, "payload": 1}', 422),
+            ("POST", "/v1/reports", b'{"resource_id": "has space", "payload": 1}', 422),
+            ("POST", "/v1/reports", b'{"resource_id": "ok"}', 422),
+            ("POST", "/v1/reports", b'"just a string"', 422),
+            ("POST", "/v1/reports", b"\xff\xfe", 400),
+            ("POST", "/v1/acks", b'{"message_id": "nocolon", "status": "ack"}', 422),
+            ("POST", "/v1/acks", b'{"message_id": "a:1", "status": "maybe"}', 422),
+            (
+                "POST",
+                "/v1/acks",
+                b'{"message_id": "a:1", "status": "nack", "retry_after": -1}',
+                422,
+            ),
+            ("GET", "/v1/events?limit=5000", b"", 422),
+            ("GET", "/v1/events?after=-1", b"", 422),
+            ("GET", "/v1/events?topic=nope", b"", 422),
+            ("GET", "/v1/deadletters?limit=0", b"", 422),
+            ("GET", "/no/such/route", b"", 404),
+            ("DELETE", "/v1/reports", b"", 405),
+            ("GET", "/v1/reports", b"", 405),
+        ]
+        for method, path, body, status in cases:
+            r = await client.request(method, path, content=body)
+            assert r.status_code == status, (method, path, body[:40], r.status_code, r.text)
+            assert r.headers["content-type"] == PROBLEM
+            problem = r.json()
+            assert problem["status"] == status and problem["type"].startswith("https://")
+        chunked = await client.post(
+            "/v1/reports",
+            content=iter_chunks([b'{"resource_id": "x", "payload": "', b"a" * 4000, b'"}']),
+        )
+        assert chunked.status_code == 413
+        ok = await client.post("/v1/reports", json={"resource_id": "still-alive", "payload": 1})
+        assert ok.status_code == 202
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).json() == {"ready": True}
+
+
+async def iter_chunks(chunks: list[bytes]):  # type: ignore[no-untyped-def]
+    for chunk in chunks:
+        yield chunk
+
+
+async def test_openapi_lists_every_real_route(tmp_path: Path) -> None:
+    async with running_server(make_config(tmp_path)) as (_, client):
+        doc = (await client.get("/openapi.json")).json()
+        assert doc["openapi"].startswith("3.")
+        for path, method in [
+            ("/v1/reports", "post"),
+            ("/v1/reports:batch", "post"),
+            ("/v1/acks", "post"),
+            ("/v1/resources/{resource_id}", "get"),
+            ("/v1/events", "get"),
+            ("/v1/events/stream", "get"),
+            ("/metrics", "get"),
+            ("/admin/shutdown", "post"),
+        ]:
+            assert method in doc["paths"][path], path

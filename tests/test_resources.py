@@ -1,0 +1,35 @@
+"""Resources table: LRU cap and idle eviction (pure)."""
+
+from __future__ import annotations
+
+from relay_trio._resources import ResourceState, ResourceTable
+
+
+def test_cap_evicts_least_recently_used_and_reports_it() -> None:
+    evicted: list[tuple[str, str]] = []
+    table = ResourceTable(3, on_evict=lambda s, why: evicted.append((s.resource_id, why)))
+    for i, rid in enumerate("abc"):
+        table.touch(rid, float(i))
+    table.touch("a", 10.0)  # "a" is now most recent: "b" is the LRU
+    table.touch("d", 11.0)
+    assert [s.resource_id for s in table] == ["c", "a", "d"]
+    assert evicted == [("b", "evicted")]
+    assert table.evicted_lru == 1
+
+
+def test_idle_eviction_keeps_pending_and_recent_entries() -> None:
+    table = ResourceTable(10)
+    table.touch("old", 0.0)
+    pending = table.touch("old-pending", 1.0)
+    pending.pending_message_id = "old-pending:1"
+    table.touch("recent", 60.0)
+    removed = table.evict_idle(now=100.0, ttl=50.0)
+    assert [s.resource_id for s in removed] == ["old"]
+    assert {s.resource_id for s in table} == {"old-pending", "recent"}
+    # Exactly at the TTL boundary an entry is idle.
+    assert [s.resource_id for s in table.evict_idle(now=110.0, ttl=50.0)] == ["recent"]
+
+
+def test_message_ids_are_monotonic_per_resource() -> None:
+    state = ResourceState("vm-7", created_at=0.0, updated_at=0.0)
+    assert [state.next_message_id()[0] for _ in range(3)] == ["vm-7:1", "vm-7:2", "vm-7:3"]
