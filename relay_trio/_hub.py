@@ -250,6 +250,14 @@ class EventHub:
     _full: trio.Event = attrs.field(init=False, factory=trio.Event)
     _closed: bool = attrs.field(init=False, default=False)
 
+    def __attrs_post_init__(self) -> None:
+        if self.heartbeat_interval <= 0 or self.coalesce_interval < 0:
+            raise ValueError("heartbeat_interval must be > 0 and coalesce_interval >= 0")
+        if min(self.subscriber_buffer, self.subscriber_buffer_bytes, self.max_batch) < 1:
+            raise ValueError("subscriber_buffer, subscriber_buffer_bytes, max_batch must be >= 1")
+        if self.max_subscribers < 0 or (self.max_subscribers_per_topic or 0) < 0:
+            raise ValueError("subscriber caps must be >= 0")
+
     @property
     def per_topic_cap(self) -> int:
         cap = self.max_subscribers_per_topic

@@ -247,6 +247,19 @@ async def test_resume_point_left_the_ring_gives_gap(
     assert {f["event"] for f in frames[1:]} == {"acks"}
 
 
+async def test_gap_excludes_ids_that_arrive_live(autojump_clock: trio.testing.MockClock) -> None:
+    hub = EventHub(EventRing(5, 1 << 20))
+    publish_n(hub, 10)
+    async with running(hub), hub.subscribe(last_event_id=2) as sub:
+        # The ring turns over before the replay starts: 11..20 reach the subscriber live,
+        # so only 3..10 are missed.
+        publish_n(hub, 10)
+        async with aclosing(sub.stream()) as stream:
+            frames = parse(await anext(stream))
+            assert frames == [{"event": "gap", "data": '{"missed":8}'}]
+            assert ids([await anext(stream)]) == list(range(11, 21))
+
+
 async def test_future_last_event_id_is_a_fresh_start(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -339,6 +352,13 @@ async def test_topic_filter_and_shared_chunks(autojump_clock: trio.testing.MockC
         assert ids([everything._receive.receive_nowait()[0]]) == [1, 2, 3]
         for s in [*subs, everything]:
             s.close()
+
+
+async def test_invalid_settings() -> None:
+    with pytest.raises(ValueError):
+        EventHub(heartbeat_interval=0)
+    with pytest.raises(ValueError):
+        EventHub(subscriber_buffer=0)
 
 
 async def test_stream_can_be_iterated_once() -> None:
