@@ -139,6 +139,8 @@ class HttpUpstream:
 
     url: str
     client: httpx.AsyncClient
+    #: Concurrent requests to this upstream (shared by every sender task).
+    limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(64))
 
     async def _send_one(self, message: Outbound, attempt_deadline: float) -> SendResult:
         response: httpx.Response | None = None
