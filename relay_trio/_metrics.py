@@ -6,11 +6,13 @@ attribute lookup and an ``inc()``, not a label-tuple hash per report.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 REJECT_REASONS = (
     "rate_limited",
@@ -73,12 +75,6 @@ class RelayMetrics:
         self.events_published = Counter(
             "relay_events_published_total", "Events published to the event log", registry=r
         )
-        self.side_drops = Counter(
-            "relay_side_queue_drops_total",
-            "Side-queue records dropped, by sink",
-            ["sink"],
-            registry=r,
-        )
         self.request_seconds = Histogram(
             "relay_http_request_duration_seconds",
             "HTTP request latency by route",
@@ -96,6 +92,22 @@ class RelayMetrics:
         """A gauge with one label, set by the owner (e.g. per-upstream up/down)."""
         return Gauge(name, doc, [label], registry=self.registry)
 
+    def labelled_function(
+        self,
+        name: str,
+        doc: str,
+        labels: tuple[str, ...],
+        read: Callable[[], Mapping[tuple[str, ...], float]],
+        *,
+        counter: bool = False,
+    ) -> None:
+        """Register a labelled counter or gauge read from its owner's state at scrape time.
+
+        For figures the owner already counts (side-queue drops, SSE subscribers): nothing
+        is recorded twice and the hot path pays nothing. ``read`` must not block.
+        """
+        self.registry.register(_Callback(name, doc, labels, read, counter))
+
     def value(self, name: str, **labels: str) -> int:
         """Current value of one counter sample (0 if never recorded)."""
         return int(self.registry.get_sample_value(name, labels) or 0)
@@ -103,3 +115,27 @@ class RelayMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+@attrs.define(eq=False)
+class _Callback(Collector):
+    """A collector whose samples come from a function, evaluated at each scrape."""
+
+    name: str
+    doc: str
+    labels: tuple[str, ...]
+    read: Callable[[], Mapping[tuple[str, ...], float]]
+    counter: bool
+
+    def _family(self) -> CounterMetricFamily | GaugeMetricFamily:
+        kind = CounterMetricFamily if self.counter else GaugeMetricFamily
+        return kind(self.name, self.doc, labels=self.labels)
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        for values, value in self.read().items():
+            family.add_metric(list(values), value)
+        return [family]
