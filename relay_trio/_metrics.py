@@ -7,6 +7,7 @@ attribute lookup and an ``inc()``, not a label-tuple hash per report.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -107,6 +108,21 @@ class RelayMetrics:
         is recorded twice and the hot path pays nothing. ``read`` must not block.
         """
         self.registry.register(_Callback(name, doc, labels, read, counter))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every sample as JSON (for ``/v1/status``): ``name: value`` when unlabelled, else
+        ``name: [{label: ..., "value": v}, ...]``. Histogram buckets are left out (count and
+        sum stay). Never blocks."""
+        out: dict[str, Any] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name.endswith(("_bucket", "_created")):
+                    continue
+                if sample.labels:
+                    out.setdefault(sample.name, []).append({**sample.labels, "value": sample.value})
+                else:
+                    out[sample.name] = sample.value
+        return out
 
     def value(self, name: str, **labels: str) -> int:
         """Current value of one counter sample (0 if never recorded)."""
