@@ -486,6 +486,7 @@ class Relay:
             },
             "upstreams": self.router.states(),
             "side_queue": self.side.stats(),
+            "metrics": self.metrics.snapshot(),
             "config": self.config.summary(),
         }
 
@@ -497,6 +498,35 @@ class Relay:
             self.umh.pending_count,
         )
         m.gauge("relay_resources", "Resources tracked", lambda: len(self.resources))
+        m.labelled_function(
+            "relay_events_dropped_total",
+            "Events not delivered to SSE subscribers that fell behind",
+            (),
+            lambda: {(): self.hub.dropped},
+            counter=True,
+        )
+        m.labelled_function(
+            "relay_upstream_up",
+            "1 while an upstream is up, 0 while marked down",
+            ("upstream",),
+            lambda: {(s["url"],): float(s["up"]) for s in self.router.states()},
+        )
+        m.labelled_function(
+            "relay_sse_subscribers",
+            "SSE subscribers receiving each topic",
+            ("topic",),
+            lambda: {(t,): self.hub.subscriber_count(t) for t in sorted(TOPICS)},
+        )
+        m.labelled_function(
+            "relay_side_queue_drops_total",
+            "Side-queue records dropped (queue full or closed), by sink",
+            ("sink",),
+            lambda: {
+                (name,): row["dropped_full"] + row["dropped_closed"]
+                for name, row in self.side.stats().items()
+            },
+            counter=True,
+        )
 
     # -- tasks ---------------------------------------------------------------------------
 
