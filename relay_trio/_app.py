@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import orjson
-from quart import Response, request
+import trio
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -108,6 +109,26 @@ def create_app(relay: Relay) -> QuartTrio:
             return too_large(limit)
         return body
 
+    # Latency per route rule (bounded label set: the rules, plus "unmatched" for 404s).
+    # Trio's clock, not the wall clock; an SSE stream is timed up to its headers.
+    latency = relay.metrics.request_seconds
+    observers: dict[str, Any] = {}
+
+    @app.before_request
+    async def start_timer() -> None:
+        g.relay_t0 = trio.current_time()
+
+    @app.after_request
+    async def record_latency(response: Response) -> Response:
+        started = g.get("relay_t0")
+        if started is not None:
+            rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            observe = observers.get(rule)
+            if observe is None:
+                observe = observers[rule] = latency.labels(rule).observe
+            observe(trio.current_time() - started)
+        return response
+
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         status = error.code or 500
@@ -124,17 +145,27 @@ def create_app(relay: Relay) -> QuartTrio:
         log.exception("internal error on %s %s", request.method, request.path)
         return problem_response(Problem(500, "internal", "Internal error", type(error).__name__))
 
+    def count_refused(reason: str) -> None:
+        # Reports refused before admission still count as received, so that received ==
+        # admitted + rejected. A batch refused as a whole is not counted: its size is unknown.
+        relay.metrics.reports_received.inc()
+        relay.metrics.rejected[reason].inc()
+
+    def refused(problem: Problem, reason: str) -> Response:
+        count_refused(reason)
+        return problem_response(problem)
+
     @app.post("/v1/reports")
     async def post_report() -> Response:
         denied = auth_problem("ingest")
         if denied is not None:
-            return problem_response(denied)
+            return refused(denied, "unauthorized")
         body = await read_body(config.max_body_bytes)
         if isinstance(body, Problem):
-            return problem_response(body)
+            return refused(body, "too_large")
         obj = decode_json(body)
         if isinstance(obj, Problem):
-            return problem_response(obj)
+            return refused(obj, "malformed")
         result = relay.admit(obj)
         if isinstance(result, Accepted):
             return Response(
@@ -164,8 +195,11 @@ def create_app(relay: Relay) -> QuartTrio:
         for line in lines:
             if len(line) > config.max_body_bytes:
                 result: Accepted | Problem = too_large(config.max_body_bytes)
+                count_refused("too_large")
             else:
                 obj = decode_json(line)
+                if isinstance(obj, Problem):
+                    count_refused("malformed")
                 result = obj if isinstance(obj, Problem) else relay.admit(obj)
             out.append(orjson.dumps(reply_for(result)))
         out.append(b"")
