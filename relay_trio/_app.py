@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, Final
 
 import orjson
@@ -293,8 +294,10 @@ def create_app(relay: Relay) -> QuartTrio:
             return problem_response(exc.to_problem())
 
         async def stream() -> AsyncIterator[bytes]:
-            async with subscription:
-                async for chunk in subscription.stream():
+            # quart-trio cancels this generator when the client goes away; aclosing and
+            # the subscription's context unregister it at once (seed 004: no dead subs).
+            async with subscription, aclosing(subscription.stream()) as chunks:
+                async for chunk in chunks:
                     yield chunk
 
         response = Response(stream(), status=200, content_type="text/event-stream")

@@ -80,6 +80,9 @@ class RelayConfig:
         None, "Cap on SSE subscribers per topic. Default: max_subscribers.", "optint"
     )
     coalesce_interval: float = _opt(0.025, "Minimum seconds between SSE fan-out writes under load.")
+    write_timeout: float = _opt(
+        10.0, "Deadline for one HTTP response/SSE write; a peer that stops reading is dropped."
+    )
     shutdown_flush: str = _opt("sequential", "Flush mode on shutdown: sequential, parallel, none.")
     shutdown_timeout: float = _opt(30.0, "Budget for the whole staged shutdown.")
     ingest_token: str | None = _opt(
@@ -285,6 +288,7 @@ def validate(config: RelayConfig) -> None:
         "heartbeat_interval",
         "shutdown_timeout",
         "side_timeout",
+        "write_timeout",
         "probe_interval",
         "stream_slot_wait",
         "stream_idle_timeout",

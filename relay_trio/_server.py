@@ -16,6 +16,8 @@ import attrs
 import hypercorn.trio
 import trio
 from hypercorn.config import Config as HyperConfig
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.trio import tcp_server
 
 from ._app import create_app
 from ._config import RelayConfig
@@ -23,6 +25,47 @@ from ._receiver import ReceiverLimits, StreamReceiver, parse_listen
 from ._relay import Relay
 
 log = logging.getLogger("relay_trio")
+
+
+_WRITE_DEADLINE_ATTR = "relay_trio_write_timeout"
+
+
+def install_write_deadline() -> None:
+    """Give every socket write of hypercorn's trio worker a deadline (idempotent).
+
+    Seed 002: a client that stops reading must not hold a task or the shutdown. Hypercorn
+    writes under a shielded cancel scope with no deadline, so neither a cancelled request
+    nor a graceful shutdown can interrupt a write to a peer that never reads. We keep the
+    shield (outer cancellation still cannot cut a frame in half) but give the shielded scope
+    its own deadline, taken from the server config's ``relay_trio_write_timeout``; when it
+    expires the connection is closed. Servers whose config lacks the attribute keep
+    hypercorn's behaviour.
+    """
+    if getattr(tcp_server.TCPServer, "_relay_trio_write_deadline", False):
+        return
+    original = tcp_server.TCPServer.protocol_send
+
+    async def protocol_send(self: tcp_server.TCPServer, event: Event) -> None:
+        timeout = getattr(self.config, _WRITE_DEADLINE_ATTR, None)
+        if timeout is None or not isinstance(event, RawData):
+            await original(self, event)
+            return
+        async with self.send_lock:
+            try:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
+                    await self.stream.send_all(event.data)
+                if scope.cancelled_caught:
+                    log.info(
+                        "closing a connection whose peer stopped reading (%ss write deadline)",
+                        timeout,
+                    )
+                    await self.stream.aclose()
+                    await self.protocol.handle(Closed())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
+
+    tcp_server.TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+    tcp_server.TCPServer._relay_trio_write_deadline = True  # type: ignore[attr-defined]
 
 
 def hypercorn_config(config: RelayConfig) -> HyperConfig:
@@ -37,7 +80,12 @@ def hypercorn_config(config: RelayConfig) -> HyperConfig:
     hyper.keep_alive_timeout = 75
     # Shutdown closes SSE streams first, so the graceful wait covers only short requests.
     hyper.graceful_timeout = min(5.0, config.shutdown_timeout / 4)
-    hyper.read_timeout = 60
+    # No read timeout: an SSE client legitimately sends nothing after its request, and
+    # hypercorn's read timeout would close it. Idle keep-alive connections are bounded by
+    # keep_alive_timeout, and writes by the deadline below.
+    hyper.read_timeout = None
+    setattr(hyper, _WRITE_DEADLINE_ATTR, config.write_timeout)
+    install_write_deadline()
     return hyper
 
 
