@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ import trio
 from relay_helpers import eventually, make_config, running_server
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+async def sse_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
     """Parse an SSE stream into ``{"event", "id", "data"}`` dicts (comments skipped)."""
     event: dict[str, Any] = {}
     async with aclosing(response.aiter_lines()) as lines:
