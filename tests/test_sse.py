@@ -14,23 +14,20 @@ from relay_helpers import eventually, make_config, running_server
 
 
 async def sse_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
-    """Parse an SSE stream into ``{"event", "id", "data"}`` dicts (comments skipped)."""
+    """Parse an SSE stream into ``{"event", "id", "data"}`` dicts (comments skipped).
+
+    httpx's line iterator is closed with the response (see the pyproject warning filters).
+    """
     event: dict[str, Any] = {}
-    async with aclosing(response.aiter_lines()) as lines:
-        async for line in lines:
-            if line == "":
-                if event:
-                    yield event
-                event = {}
-            elif line.startswith(":"):
-                continue
-            else:
-                field, _, value = line.partition(":")
-                value = value.removeprefix(" ")
-                if field == "data":
-                    event["data"] = orjson.loads(value)
-                else:
-                    event[field] = value
+    async for line in response.aiter_lines():
+        if line == "":
+            if event:
+                yield event
+            event = {}
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            event[field] = orjson.loads(value) if field == "data" else value
 
 
 async def take(response: httpx.Response, n: int, kind: str | None = None) -> list[dict[str, Any]]:
