@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from typing import Any
 
-import attrs
 import click
 
 from ._config import ConfigError, RelayConfig, config_fields, field_kind, load_config
@@ -87,4 +87,78 @@ def show_config(config_file: str | None, **flags: Any) -> None:
     click.echo(orjson.dumps(config.summary(), option=orjson.OPT_INDENT_2).decode())
 
 
-_ = attrs
+@main.command()
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="Relay base URL.")
+@click.option(
+    "--topic", default=None, help="Only this topic (reports, acks, drops, deadletter, system)."
+)
+@click.option(
+    "--token",
+    envvar="RELAY_TRIO_READ_TOKEN",
+    default=None,
+    help="Read token (env RELAY_TRIO_READ_TOKEN).",
+)
+@click.option("--last-event-id", default=None, help="Resume after this event id.")
+def tail(url: str, topic: str | None, token: str | None, last_event_id: str | None) -> None:
+    """Follow the event stream in the terminal; resumes where it left off on reconnect."""
+    import trio
+
+    from ._client import SseEvent, follow_events
+
+    def show(event: SseEvent) -> bool:
+        click.echo(f"{event.id or '-'} {event.event} {event.data}")
+        return False
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(
+            lambda: follow_events(url, show, topic=topic, token=token, last_event_id=last_event_id)
+        )
+
+
+@main.command()
+@click.argument("source", type=click.File("rb"), default="-")
+@click.option(
+    "--url",
+    default="http://127.0.0.1:8080",
+    show_default=True,
+    help="http(s)://HOST:PORT (batch endpoint) or a stream address tcp://HOST:PORT, unix:///PATH.",
+)
+@click.option(
+    "--token",
+    envvar="RELAY_TRIO_INGEST_TOKEN",
+    default=None,
+    help="Ingest token (env RELAY_TRIO_INGEST_TOKEN).",
+)
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 10_000))
+@click.option(
+    "--max-retry-wait",
+    default=120.0,
+    show_default=True,
+    type=float,
+    help="Give up on a 429 asking to wait longer.",
+)
+def send(source: Any, url: str, token: str | None, batch_size: int, max_retry_wait: float) -> None:
+    """Send NDJSON reports from SOURCE (a file, or - for stdin), honouring 429 retry_after."""
+    import trio
+
+    from ._client import send_reports
+
+    lines = list(source)
+    with click.progressbar(length=len(lines), label="sending", file=sys.stderr) as bar:
+        try:
+            summary = trio.run(
+                lambda: send_reports(
+                    url,
+                    lines,
+                    token=token,
+                    batch_size=batch_size,
+                    max_retry_wait=max_retry_wait,
+                    progress=bar.update,
+                )
+            )
+        except (OSError, ValueError, PermissionError) as exc:
+            click.echo(f"relay-trio send: {exc}", err=True)
+            sys.exit(1)
+    click.echo(summary.line())
+    if summary.rejected:
+        sys.exit(3)
