@@ -26,7 +26,7 @@ import trio
 from ._umh import Due, UnconfirmedMessages
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class DeadlineScheduler:
     """Drives an :class:`UnconfirmedMessages` from Trio time.
 

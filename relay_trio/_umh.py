@@ -182,11 +182,14 @@ class _Entry:
     deadline: float | None = None
     # Heap token of the armed deadline; 0 = none. A heap tuple is live iff its token matches.
     token: int = 0
-    # None until the first failure: most messages are acked at once and never need a list.
-    history: list[Attempt] | None = None
+    # None until the first failure: most messages are acked at once and never need one.
+    # A tuple (rebuilt per failure, at most max_attempts long) is 40 bytes smaller than a list.
+    history: tuple[Attempt, ...] | None = None
 
 
-@attrs.define(eq=False)
+# on_setattr=NO_OP: validators run in __init__ only; attrs would otherwise wrap every
+# attribute write (every counter increment) in a validating __setattr__.
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class DeadLetterLog:
     """Bounded, append-only log of dead letters, oldest evicted first. Never blocks.
 
@@ -255,7 +258,7 @@ def _split(message_id: str) -> tuple[str, int | None]:
     return rid, int(tail)
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class UnconfirmedMessages:
     """Tracks every sent-but-unacknowledged message: ACK deadlines, retries, dead letters.
 
@@ -292,6 +295,13 @@ class UnconfirmedMessages:
     )
     _heap: list[tuple[float, int, _Entry]] = attrs.field(repr=False, factory=list, init=False)
     _armed: int = attrs.field(default=0, init=False)
+    _timeout_detail: str = attrs.field(
+        init=False,
+        repr=False,
+        default=attrs.Factory(
+            lambda self: f"no ack within {self.policy.ack_timeout:g}s", takes_self=True
+        ),
+    )
     _tokens: Iterator[int] = attrs.field(repr=False, factory=lambda: itertools.count(1), init=False)
 
     # ------------------------------------------------------------------ events from the relay
@@ -409,6 +419,8 @@ class UnconfirmedMessages:
         """
         out: list[Due] = []
         processed = 0
+        # One shared string, not one per message: a mass timeout must not allocate N copies.
+        timeout_detail = self._timeout_detail
         while limit is None or processed < limit:
             heap = self._heap  # re-read: _fail may compact (replace) the heap
             if not heap or heap[0][0] > now:
@@ -422,8 +434,7 @@ class UnconfirmedMessages:
             self._armed -= 1
             if e.phase is Phase.AWAITING_ACK:
                 self.ack_timeouts += 1
-                detail = f"no ack within {self.policy.ack_timeout:g}s"
-                result = self._fail(e, now, "ack_timeout", detail, None)
+                result = self._fail(e, now, "ack_timeout", timeout_detail, None)
                 if result.dead_letter is not None:
                     dl = result.dead_letter
                     out.append(
@@ -459,7 +470,7 @@ class UnconfirmedMessages:
         e = self._pending.get(resource_id)
         if e is None:
             return None
-        history = tuple(e.history) if e.history else ()
+        history = e.history or ()
         return PendingView(
             e.message_id, e.resource_id, e.admitted_at, e.phase, len(history), e.deadline, history
         )
@@ -524,10 +535,8 @@ class UnconfirmedMessages:
     def _fail(
         self, e: _Entry, now: float, outcome: str, detail: str, retry_after: float | None
     ) -> Outcome:
-        history = e.history
-        if history is None:
-            history = e.history = []
-        history.append(Attempt(now, outcome, detail))
+        attempt = Attempt(now, outcome, detail)
+        history = e.history = (attempt,) if e.history is None else (*e.history, attempt)
         policy = self.policy
         if len(history) >= policy.max_attempts:
             return Outcome("dead", dead_letter=self._dead(e, now, "max_attempts"))
@@ -542,7 +551,7 @@ class UnconfirmedMessages:
     def _dead(self, e: _Entry, now: float, reason: str) -> DeadLetter:
         self._finish(e, MessageState.DEAD)
         self.dead_lettered += 1
-        attempts = tuple(e.history) if e.history else ()
+        attempts = e.history or ()
         return self.dead_letters.record(
             e.message_id,
             e.resource_id,
@@ -569,9 +578,11 @@ class UnconfirmedMessages:
         e.token = token
         e.deadline = deadline
         e.phase = phase
-        heapq.heappush(self._heap, (deadline, token, e))
+        heap = self._heap
+        heapq.heappush(heap, (deadline, token, e))
         self._armed += 1
-        self._maybe_compact()
+        if len(heap) - self._armed > _COMPACT_MIN:  # cheap pre-check on the hot path
+            self._maybe_compact()
 
     def _disarm(self, e: _Entry) -> None:
         e.deadline = None
