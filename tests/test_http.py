@@ -129,3 +129,36 @@ async def test_openapi_lists_every_real_route(tmp_path: Path) -> None:
             ("/admin/shutdown", "post"),
         ]:
             assert method in doc["paths"][path], path
+
+
+async def test_batch_answers_one_result_per_line_in_order(tmp_path: Path) -> None:
+    config = make_config(tmp_path, max_body_bytes=200, batch_max_lines=10)
+    async with running_server(config) as (server, client):
+        body = b"\n".join(
+            [
+                b'{"resource_id": "b1", "payload": 1}',
+                b'{"resource_id": "b1", "payload": 2}',
+                b"{broken",
+                b'{"resource_id": "no space allowed", "payload": 3}',
+                b'{"resource_id": "b2", "payload": "' + b"x" * 300 + b'"}',
+                b"",
+                b'{"resource_id": "b3", "payload": 4}',
+            ]
+        )
+        r = await client.post("/v1/reports:batch", content=body)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+        replies = [orjson.loads(line) for line in r.content.splitlines()]
+        assert [reply.get("message_id") or reply["status"] for reply in replies] == [
+            "b1:1",
+            429,
+            400,
+            422,
+            413,
+            "b3:1",
+        ]
+        assert replies[1]["reason"] == "rate_limited" and replies[1]["retry_after"] > 59
+        too_many = await client.post(
+            "/v1/reports:batch", content=b'{"resource_id":"x","payload":1}\n' * 11
+        )
+        assert too_many.status_code == 413 and too_many.headers["content-type"] == PROBLEM
+        assert server.relay.metrics.value("relay_reports_admitted_total") == 2
