@@ -34,6 +34,8 @@ class DeadlineScheduler:
     :class:`Due` items in deadline order; it must not block (use ``send_nowait`` and
     ``umh.defer`` on ``trio.WouldBlock``). An exception it raises propagates out of
     :meth:`run` and crashes the enclosing nursery, on purpose: losing retries silently is worse.
+    ``umh.defer`` from ``on_due`` should use a positive delay: a zero delay re-arms a deadline
+    that is already due, so the task would spin (checkpointing) until the channel has room.
     """
 
     umh: UnconfirmedMessages
@@ -74,7 +76,7 @@ class DeadlineScheduler:
             scope.deadline = deadline
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run forever (until cancelled). Reports readiness at once; checkpoints every loop."""
+        """Run until cancelled. Reports readiness at once; exactly one checkpoint per wake-up."""
         task_status.started()
         while True:
             deadline = self.umh.next_deadline()
@@ -87,16 +89,8 @@ class DeadlineScheduler:
                 finally:
                     self._scope = None
             self.wakeups += 1
-            await self._drain()
-
-    async def _drain(self) -> None:
-        while True:
-            now = trio.current_time()
-            due = self.umh.pop_due(now, limit=self.batch_size)
+            # At most batch_size expirations per wake-up: if more are due, next_deadline() is
+            # already past, so the next sleep is just a checkpoint and other tasks get to run.
+            due = self.umh.pop_due(trio.current_time(), limit=self.batch_size)
             if due:
                 self.on_due(due)
-            following = self.umh.next_deadline()
-            if following is None or following > now:
-                return
-            # More expired deadlines than one batch: let other tasks (the HTTP server) run.
-            await trio.lowlevel.checkpoint()

@@ -35,6 +35,8 @@ import attrs
 
 #: Below this many stale heap tuples the heap is never compacted (rebuilding is not worth it).
 _COMPACT_MIN: Final = 1024
+#: Longer "seq" parts are not sequence numbers (2**64 has 20 digits).
+_MAX_SEQ_DIGITS: Final = 32
 #: Largest page :meth:`DeadLetterLog.page` returns, like every other paged API of the relay.
 MAX_PAGE: Final = 1000
 
@@ -253,7 +255,9 @@ class DeadLetterLog:
 def _split(message_id: str) -> tuple[str, int | None]:
     """``"<resource_id>:<seq>"`` -> (resource_id, seq); seq is None if not a decimal number."""
     rid, sep, tail = message_id.rpartition(":")
-    if not sep or not tail.isascii() or not tail.isdigit():
+    # Ids in ACKs come from the network: a huge digit string must not reach int() (which
+    # raises past 4300 digits, and is slow well before).
+    if not sep or len(tail) > _MAX_SEQ_DIGITS or not tail.isascii() or not tail.isdigit():
         return rid, None
     return rid, int(tail)
 

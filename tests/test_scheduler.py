@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import trio
 import trio.testing
 
@@ -207,3 +208,19 @@ async def test_run_reports_started_and_is_cancellable(
     assert scope.cancelled_caught
     assert not sched.sleeping
     assert trio.current_time() == 5.0
+
+
+async def test_on_due_exception_propagates(autojump_clock: trio.testing.MockClock) -> None:
+    umh = UnconfirmedMessages(RetryPolicy(), random.Random(SEED))
+
+    def on_due(due: list[Due]) -> None:
+        raise RuntimeError("callback bug")
+
+    sched = DeadlineScheduler(umh, on_due)
+    umh.admit("a:1", "a", 0.0)
+    umh.defer("a:1", 0.0, 1.0)
+    with pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="callback bug")):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sched.run)
+    assert trio.current_time() == 1.0
+    assert umh.state_of("a:1") is MessageState.PENDING  # in flight, not lost

@@ -287,7 +287,10 @@ def test_late_ack_by_seq_after_history_forgotten() -> None:
     assert umh.ack("vm2:1", 2.0) == "unknown"
     assert umh.ack("garbage", 2.0) == "unknown"
     assert umh.ack("vm1:x", 2.0) == "unknown"
-    assert (umh.late_acks, umh.unknown_acks) == (1, 4)
+    assert umh.ack("vm1:" + "9" * 5000, 2.0) == "unknown"
+    assert umh.nack("vm1:" + "1" * 5000, 2.0, "x", None) == "unknown"
+    assert umh.ack("vm1:\u0662", 2.0) == "unknown"  # a non-ASCII digit
+    assert (umh.late_acks, umh.unknown_acks) == (1, 7)
     assert umh.state_of("vm1:2") is MessageState.PENDING
 
 
