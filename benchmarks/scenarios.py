@@ -1,0 +1,384 @@
+"""The five benchmark scenarios. Each returns a JSON-ready dict with relay-trio's figure,
+its baselines measured in the same run, and the ratios.
+
+Servers and load generators run as separate processes (``benchmarks.servers`` and
+``benchmarks.clients``); the limiter and UMH scenarios are pure CPU and run in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ._common import Child, percentile
+
+HERE = Path(__file__).resolve().parent
+MIB = 1024 * 1024
+
+#: Relay settings for throughput runs: every report is for a fresh resource, so the
+#: per-resource limiter admits; the table is large enough to never evict during a run.
+INGEST_CONFIG: dict[str, Any] = {"rate_per_minute": 1_000_000.0, "burst": 10, "max_resources": 2_000_000}
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+@contextmanager
+def server(kind: str, **args: Any) -> Iterator[tuple[Child, dict[str, Any]]]:
+    child = Child("benchmarks.servers", {"kind": kind, **args})
+    try:
+        info = child.wait_ready(120)
+        yield child, info
+    finally:
+        child.stop()
+
+
+def client(kind: str, timeout: float, **args: Any) -> dict[str, Any]:
+    child = Child("benchmarks.clients", {"kind": kind, **args})
+    try:
+        return child.result(timeout)
+    finally:
+        child.stop()
+
+
+# -- 1. ingest -------------------------------------------------------------------------
+
+
+def ensure_wrk(log: Callable[[str], None]) -> str | None:
+    """The wrk binary, installing the Debian package when missing and possible."""
+    found = shutil.which("wrk")
+    if found or os.environ.get("BENCH_NO_INSTALL"):
+        return found
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        log("wrk missing: apt-get install -y wrk")
+        subprocess.run(
+            ["apt-get", "install", "-y", "wrk"],
+            capture_output=True,
+            timeout=180,
+            check=False,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+    return shutil.which("wrk")
+
+
+def post_throughput(
+    url: str, wrk: str | None, conns: int, duration: float, tag: str
+) -> dict[str, Any]:
+    """Closed-loop single-report POSTs at ``conns`` connections: req/s, p50/p99."""
+    if wrk is not None:
+        warm = subprocess.run(
+            [wrk, "-t1", f"-c{conns}", "-d1s", "-s", str(HERE / "wrk_post.lua"), url, tag + "w"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        out = subprocess.run(
+            [wrk, "-t1", f"-c{conns}", f"-d{duration:g}s", "--latency", "-s",
+             str(HERE / "wrk_post.lua"), url, tag],
+            capture_output=True,
+            text=True,
+            timeout=duration + 60,
+            check=False,
+        )
+        line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
+        if line is None:
+            raise RuntimeError(f"wrk failed: {out.stdout}{out.stderr}{warm.stderr}")
+        w = json.loads(line[8:])
+        errors = sum(w[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
+        return {
+            "tool": "wrk",
+            "conns": conns,
+            "rps": round(w["requests"] / (w["duration_us"] / 1e6), 1),
+            "p50_ms": w["p50_us"] / 1000,
+            "p99_ms": w["p99_us"] / 1000,
+            "non_2xx": w["status_errors"],
+            "socket_errors": errors,
+        }
+    # Fallback: two client processes, conns/2 keep-alive connections each.
+    procs = [
+        Child(
+            "benchmarks.clients",
+            {"kind": "post", "url": url, "duration": duration, "conns": max(1, conns // 2),
+             "warmup": 1.0, "tag": f"{tag}{i}-"},
+        )
+        for i in range(2)
+    ]
+    try:
+        results = [p.result(duration + 60) for p in procs]
+    finally:
+        for p in procs:
+            p.stop()
+    lat = [x for r in results for x in r["latencies"]]
+    statuses: dict[str, int] = {}
+    for r in results:
+        for k, v in r["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    return {
+        "tool": "python-trio (2 processes)",
+        "conns": conns,
+        "rps": round(sum(r["rps"] for r in results), 1),
+        "p50_ms": round(percentile(lat, 50) * 1000, 3),
+        "p99_ms": round(percentile(lat, 99) * 1000, 3),
+        "non_2xx": sum(v for k, v in statuses.items() if not k.startswith("2")),
+        "socket_errors": 0,
+    }
+
+
+def ingest(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    duration = 4.0 if quick else 10.0
+    conns = 32
+    wrk = ensure_wrk(log)
+    posts: dict[str, Any] = {}
+    for name, kind, extra in [
+        ("relay-trio", "relay", {"config": INGEST_CONFIG}),
+        ("quart-trio (bare)", "quart", {}),
+        ("starlette+uvicorn (bare)", "starlette", {}),
+    ]:
+        with server(kind, **extra) as (_, info):
+            posts[name] = post_throughput(info["url"], wrk, conns, duration, "r")
+            if "loop" in info:
+                posts[name]["server"] = f"uvicorn loop={info['loop']} http={info['http']}"
+        log(f"  POST {name}: {posts[name]['rps']:.0f} req/s p99 {posts[name]['p99_ms']:.1f} ms")
+    bulk: dict[str, Any] = {}
+    stream_config = {**INGEST_CONFIG, "stream_listen": ["tcp://127.0.0.1:0"]}
+    runs: list[tuple[str, str, dict[str, Any]]] = [
+        ("batch (500/request, 2 conns)", "batch", {"conns": 2, "batch": 500}),
+        ("stream (1 conn)", "stream", {"conns": 1, "window": 1000}),
+        ("stream (8 conns)", "stream", {"conns": 8, "window": 250}),
+    ]
+    for name, kind, extra in runs:
+        with server("relay", config=stream_config) as (_, info):
+            url = info["stream"][0] if kind == "stream" else info["url"]
+            bulk[name] = client(
+                kind, duration + 60, url=url, duration=duration, warmup=1.0, **extra
+            )
+        log(f"  {name}: {bulk[name]['reports_per_s']:.0f} reports/s")
+    ceiling = posts["quart-trio (bare)"]["rps"]
+    uvicorn = posts["starlette+uvicorn (bare)"]["rps"]
+    relay = posts["relay-trio"]["rps"]
+    return {
+        "duration_s": duration,
+        "post": posts,
+        "bulk": bulk,
+        "relay_vs_quart_ceiling": ratio(relay, ceiling),
+        "relay_vs_uvicorn": ratio(relay, uvicorn),
+        "bulk_vs_uvicorn": {k: ratio(v["reports_per_s"], uvicorn) for k, v in bulk.items()},
+    }
+
+
+# -- 2. lock contention ----------------------------------------------------------------
+
+
+def contention(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    duration = 5.0 if quick else 15.0
+    pullers = 64
+    interval = 0.25  # each puller asks for a 1000-event page 4 times a second
+    probe = {"duration": duration, "conns": 4, "rate": 100}
+    config = {
+        **INGEST_CONFIG,
+        "event_ring_bytes": 64 * MIB,
+        "event_ring_size": 10_000_000,
+    }
+    out: dict[str, Any] = {"duration_s": duration, "pullers": pullers,
+                           "pull_interval_s": interval, "probe_rate": probe["rate"]}
+    runs = [
+        ("idle (no pullers)", {}, 0),
+        ("relay-trio + 64 pullers", {}, pullers),
+        ("naive whole-log copy + 64 pullers", {"naive_pages": True}, pullers),
+    ]
+    for name, extra, n in runs:
+        with server("relay", config=config, fill_bytes=64 * MIB, **extra) as (_, info):
+            puller: Child | None = None
+            if n:
+                puller = Child(
+                    "benchmarks.clients",
+                    {"kind": "pull", "url": info["url"], "duration": duration + 2.0,
+                     "pullers": n, "interval": interval, "last_id": info["events"]},
+                )
+                time.sleep(1.0)
+            try:
+                result = client("probe", duration + 60, url=info["url"], **probe)
+                if puller is not None:
+                    result.update(puller.result(duration + 60))
+            finally:
+                if puller is not None:
+                    puller.stop()
+            result["events_in_log"] = info["events"]
+            result["log_mib"] = round(info["event_bytes"] / MIB, 1)
+        out[name] = result
+        log(f"  {name}: POST p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms")
+    idle = out["idle (no pullers)"]["p99_ms"]
+    out["p99_vs_idle"] = {
+        k: ratio(out[k]["p99_ms"], idle) for k, _, n in runs if n
+    }
+    return out
+
+
+# -- 3. SSE fan-out --------------------------------------------------------------------
+
+
+def fanout(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    subscribers = 1000
+    rate = 100
+    duration = 5.0 if quick else 15.0
+    grace = 1.0
+    spec = {"rate": rate, "duration": duration, "expect": subscribers, "grace": grace}
+    relay_config = {"max_subscribers": subscribers + 100, "heartbeat_interval": 15.0}
+    out: dict[str, Any] = {"subscribers": subscribers, "rate": rate, "duration_s": duration,
+                           "grace_s": grace}
+    runs: list[tuple[str, str, dict[str, Any], str]] = [
+        ("relay-trio (coalesced)", "relay", {"config": relay_config}, "/v1/events/stream?topic=system"),
+        ("relay-trio, one event per write", "relay",
+         {"config": relay_config, "per_event_hub": True}, "/v1/events/stream?topic=system"),
+        ("sse-starlette on uvicorn", "sse_starlette", {}, "/v1/events/stream"),
+    ]
+    for name, kind, extra, path in runs:
+        with server(kind, sse=spec, **extra) as (srv, info):
+            got = client("sse", duration + 120, url=info["url"], path=path,
+                         subscribers=subscribers, rate=rate, duration=duration, grace=grace)
+            got["server"] = srv.result(60)
+        out[name] = got
+        log(f"  {name}: {got['delivered_pct']}% delivered, p99 {got['p99_ms']} ms, "
+            f"CPU {got['server']['cpu_percent']}%")
+    base = out["sse-starlette on uvicorn"]
+    relay = out["relay-trio (coalesced)"]
+    out["p99_vs_sse_starlette"] = ratio(relay["p99_ms"], base["p99_ms"])
+    return out
+
+
+# -- 4. limiter ------------------------------------------------------------------------
+
+
+def limiter(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    import limits
+    from limits.storage import MemoryStorage
+    from limits.strategies import (
+        FixedWindowRateLimiter,
+        MovingWindowRateLimiter,
+        SlidingWindowCounterRateLimiter,
+    )
+
+    from relay_trio._ratelimit import LeakyBucket
+    from relay_trio._resources import ResourceTable
+
+    resources = 100_000
+    rounds = 2 if quick else 10
+    ids = [f"vm-{i:06d}" for i in range(resources)]
+    decisions = resources * rounds
+    out: dict[str, Any] = {"resources": resources, "decisions": decisions}
+
+    def relay_core() -> int:
+        bucket = LeakyBucket.per_minute(60.0, 5)
+        table = ResourceTable(resources * 2)
+        clock = time.monotonic
+        admitted = 0
+        for _ in range(rounds):
+            for rid in ids:
+                now = clock()
+                state = table.touch(rid, now)
+                ok, level, _ = bucket.offer(state.level, state.last, now)
+                if ok:
+                    state.level, state.last = level, now
+                    admitted += 1
+        return admitted
+
+    def limits_run(strategy: Any) -> Callable[[], int]:
+        def go() -> int:
+            lim = strategy(MemoryStorage())
+            item = limits.RateLimitItemPerMinute(60)
+            admitted = 0
+            for _ in range(rounds):
+                for rid in ids:
+                    if lim.hit(item, rid):
+                        admitted += 1
+            return admitted
+
+        return go
+
+    runs: list[tuple[str, Callable[[], int]]] = [
+        ("relay-trio LeakyBucket + ResourceTable", relay_core),
+        ("limits moving window", limits_run(MovingWindowRateLimiter)),
+        ("limits fixed window", limits_run(FixedWindowRateLimiter)),
+        ("limits sliding window counter", limits_run(SlidingWindowCounterRateLimiter)),
+    ]
+    for name, fn in runs:
+        t = time.perf_counter()
+        admitted = fn()
+        wall = time.perf_counter() - t
+        out[name] = {"decisions_per_s": round(decisions / wall), "admitted": admitted,
+                     "seconds": round(wall, 3)}
+        log(f"  {name}: {decisions / wall:,.0f} decisions/s")
+    out["full_admit"] = _admit_path(ids, rounds)
+    log(f"  Relay.admit (full path): {out['full_admit']['decisions_per_s']:,} decisions/s")
+    relay = out[runs[0][0]]["decisions_per_s"]
+    out["relay_vs"] = {name: ratio(relay, out[name]["decisions_per_s"]) for name, _ in runs[1:]}
+    return out
+
+
+def _admit_path(ids: list[str], rounds: int) -> dict[str, Any]:
+    """``Relay.admit`` (validation, limiter, table, UMH, event) under ``trio.run``.
+
+    The send channel is sized to hold every admitted message and no sender drains it,
+    so only admission is timed.
+    """
+    import tempfile
+
+    import trio
+
+    from relay_trio._config import load_config
+    from relay_trio._relay import Relay
+
+    decisions = len(ids) * rounds
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(
+            {"data_dir": tmp, "rate_per_minute": 60.0, "burst": 5,
+             "max_resources": len(ids) * 2, "send_queue_size": decisions + 1},
+            {},
+            None,
+        )
+        relay = Relay(config)
+        reports = [{"resource_id": rid, "payload": {"n": 1}} for rid in ids]
+
+        async def main() -> float:
+            t = time.perf_counter()
+            admit = relay.admit
+            for _ in range(rounds):
+                for report in reports:
+                    admit(report)
+            return time.perf_counter() - t
+
+        wall = trio.run(main)
+    return {"decisions_per_s": round(decisions / wall), "seconds": round(wall, 3)}
+
+
+# -- 5. UMH scale ----------------------------------------------------------------------
+
+
+def umh(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    n = 100_000 if quick else 1_000_000
+    try:
+        from . import umh_scale
+    except ImportError as exc:
+        log(f"  umh_scale not available: {exc}")
+        return {"n": n, "skipped": f"benchmarks/umh_scale.py not available ({exc})"}
+    result: dict[str, Any] = umh_scale.run(n)
+    log(f"  UMH: {json.dumps(result)[:300]}")
+    return {"n": n, **result}
+
+
+SCENARIOS: dict[str, Callable[[bool, Callable[[str], None]], dict[str, Any]]] = {
+    "ingest": ingest,
+    "contention": contention,
+    "fanout": fanout,
+    "limiter": limiter,
+    "umh": umh,
+}

@@ -1,0 +1,438 @@
+"""Server processes for the benchmarks: ``python -m benchmarks.servers '<json args>'``.
+
+Each prints ``READY {"url": ...}`` once it serves on 127.0.0.1 (port chosen by the OS)
+and runs until SIGTERM. ``kind`` is one of:
+
+* ``relay``: the real relay (``RelayServer``) with config overrides; optional event-log
+  prefill (``fill_bytes``), the naive whole-log-copy pager (``naive_pages``), a strict
+  one-event-per-write hub (``per_event_hub``) and a scheduled SSE publisher (``sse``).
+* ``quart``: a bare hypercorn + quart-trio app that parses the body and returns 202.
+* ``starlette``: the same tiny app on uvicorn + Starlette.
+* ``sse_starlette``: sse-starlette on uvicorn with the same scheduled publisher.
+
+This launcher is benchmark code: it adds no route to the product; the SSE publisher is a
+task in this process calling ``relay.publish``.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import json
+import logging
+import resource
+import signal
+import socket
+import sys
+import tempfile
+import time
+from functools import partial
+from typing import Any
+
+import orjson
+import trio
+
+from ._common import emit, raise_fd_limit
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+# -- the relay ---------------------------------------------------------------------------
+
+
+def _naive_ring_class() -> type:
+    from relay_trio._events import EventRing, Page
+
+    class NaiveRing(EventRing):
+        """The seed-004 failure, in Python: copy the whole log per pull, then filter/slice."""
+
+        def page(self, after: int | None, limit: int, topic: str | None = None) -> Page:
+            snapshot = list(self._events[self._head :])  # the whole log, every pull
+            first = self.first_id
+            start = first - 1 if after is None else max(after, first - 1)
+            gap = 0 if after is None else max(0, first - 1 - after)
+            chosen = [e for e in snapshot if e.id > start and (topic is None or e.topic == topic)]
+            events = chosen[:limit]
+            next_after = events[-1].id if len(events) == limit else max(start, self.last_id)
+            return Page(events, next_after, gap)
+
+    return NaiveRing
+
+
+def _per_event_hub_class() -> type:
+    from relay_trio._hub import EventHub
+
+    class PerEventHub(EventHub):
+        """One SSE write per event per subscriber (no coalescing at all)."""
+
+        def _flush(self) -> None:
+            batch = self._pending
+            if not batch:
+                return
+            self._pending = []
+            self.flushes += 1
+            for event in batch:
+                for sub in list(self._subs):
+                    if event.id <= sub.live_after:
+                        continue
+                    if sub.topics is None or event.topic in sub.topics:
+                        self._deliver(sub, (event.sse, 1, event.id))
+
+    return PerEventHub
+
+
+async def _sse_publisher(
+    publish: Any,
+    count_subscribers: Any,
+    stats: Any,
+    spec: dict[str, Any],
+) -> dict[str, Any]:
+    """Publish ``rate`` events/s for ``duration`` s on a fixed schedule, skipping when late.
+
+    Starts once ``expect`` subscribers are connected (or after ``wait_subs`` seconds).
+    """
+    rate, duration, expect = spec["rate"], spec["duration"], spec["expect"]
+    with trio.move_on_after(spec.get("wait_subs", 60)):
+        while count_subscribers() < expect:
+            await trio.sleep(0.05)
+    subscribed = count_subscribers()
+    total = round(rate * duration)
+    period = 1.0 / rate
+    cpu0, wall0 = _cpu(), time.monotonic()
+    t0 = trio.current_time() + 0.2
+    published = skipped = 0
+    for seq in range(total):
+        target = t0 + seq * period
+        now = trio.current_time()
+        if now > target + period:
+            skipped += 1  # behind schedule: never catch up by bursting
+            continue
+        await trio.sleep_until(target)
+        publish({"kind": "bench", "seq": seq, "t": time.time()})
+        published += 1
+    await trio.sleep_until(t0 + duration + spec.get("grace", 1.0))
+    cpu = _cpu() - cpu0
+    wall = time.monotonic() - wall0
+    return {
+        "subscribers_at_start": subscribed,
+        "subscribers_at_end": count_subscribers(),
+        "planned": total,
+        "published": published,
+        "skipped": skipped,
+        "cpu_seconds": round(cpu, 3),
+        "wall_seconds": round(wall, 3),
+        "cpu_percent": round(100 * cpu / wall, 1),
+        **stats(),
+    }
+
+
+def run_relay(args: dict[str, Any]) -> None:
+    from relay_trio._config import load_config
+    from relay_trio._events import EventRing
+    from relay_trio._relay import Relay
+    from relay_trio._server import RelayServer
+
+    tmp = tempfile.mkdtemp(prefix="relay-bench-")
+    overrides: dict[str, Any] = {
+        "data_dir": tmp,
+        "port": 0,
+        "log_level": "warning",
+        **args.get("config", {}),
+    }
+    config = load_config(overrides, {}, None)
+    relay = Relay(config)
+    if args.get("naive_pages"):
+        relay.hub.ring = _naive_ring_class()(config.event_ring_size, config.event_ring_bytes)
+    if args.get("per_event_hub"):
+        old = relay.hub
+        relay.hub = _per_event_hub_class()(
+            old.ring,
+            max_subscribers=old.max_subscribers,
+            max_subscribers_per_topic=old.max_subscribers_per_topic,
+            subscriber_buffer=old.subscriber_buffer,
+            heartbeat_interval=old.heartbeat_interval,
+            coalesce_interval=0.0,
+        )
+    fill = int(args.get("fill_bytes", 0))
+    if fill:
+        ring: EventRing = relay.hub.ring
+        i = 0
+        while ring.bytes_used < fill:
+            i += 1
+            rid = f"vm-{i:08d}"
+            ring.publish(
+                "reports",
+                {"message_id": f"{rid}:1", "resource_id": rid, "kind": "scan"},
+                "2026-01-01T00:00:00.000Z",
+            )
+    server = RelayServer(config, relay)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(partial(server.serve, install_signal_handlers=True))
+            ring = relay.hub.ring
+            emit(
+                "READY",
+                {
+                    "url": urls[0],
+                    "stream": server.receiver.bound if server.receiver else [],
+                    "events": len(ring),
+                    "event_bytes": ring.bytes_used,
+                },
+            )
+            spec = args.get("sse")
+            if spec:
+
+                def stats() -> dict[str, Any]:
+                    hub = relay.hub
+                    return {
+                        "overflowed": hub.overflowed,
+                        "flushes": hub.flushes,
+                        "chunks": hub.chunks,
+                    }
+
+                result = await _sse_publisher(
+                    lambda data: relay.publish("system", data),
+                    lambda: relay.hub.subscriber_count("system"),
+                    stats,
+                    spec,
+                )
+                emit("RESULT", result)
+
+    _profiled(args, lambda: trio.run(main))
+
+
+def _profiled(args: dict[str, Any], fn: Any) -> None:
+    path = args.get("cprofile")
+    if not path:
+        fn()
+        return
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        fn()
+    finally:
+        prof.disable()
+        prof.dump_stats(path)
+
+
+# -- bare quart-trio on hypercorn ------------------------------------------------------
+
+
+def run_quart(args: dict[str, Any]) -> None:
+    import hypercorn.trio
+    from hypercorn.config import Config
+    from quart import Response, request
+    from quart_trio import QuartTrio
+
+    app = QuartTrio("bare")
+    counter = [0]
+
+    @app.post("/v1/reports")
+    async def post_report() -> Response:
+        body = await request.get_data(cache=False)
+        obj = orjson.loads(body)
+        counter[0] += 1
+        return Response(
+            orjson.dumps({"message_id": f"{obj['resource_id']}:{counter[0]}"}),
+            status=202,
+            content_type="application/json",
+        )
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.include_server_header = False
+    config.keep_alive_timeout = 75
+
+    async def main() -> None:
+        stop = trio.Event()
+
+        async def watch() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    stop.set()
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            binds = await nursery.start(
+                partial(hypercorn.trio.serve, app, config, shutdown_trigger=stop.wait)
+            )
+            emit("READY", {"url": binds[0]})
+            await stop.wait()
+            nursery.cancel_scope.deadline = trio.current_time() + 5
+
+    _profiled(args, lambda: trio.run(main))
+
+
+# -- uvicorn + starlette ---------------------------------------------------------------
+
+
+def _uvicorn_serve(app: Any, on_started: Any = None) -> None:
+    import asyncio
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        backlog=4096,
+        timeout_keep_alive=75,
+    )
+    server = uvicorn.Server(config)
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.02)
+        emit(
+            "READY",
+            {
+                "url": f"http://127.0.0.1:{port}",
+                "loop": type(asyncio.get_running_loop()).__module__,
+                "http": getattr(config.http_protocol_class, "__name__", "?"),
+            },
+        )
+        if on_started is not None:
+            asyncio.create_task(on_started())
+        await task
+
+    config.load()
+    factory = config.get_loop_factory()
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+
+
+def run_starlette(args: dict[str, Any]) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    counter = [0]
+
+    async def post_report(request: Request) -> Response:
+        obj = orjson.loads(await request.body())
+        counter[0] += 1
+        return Response(
+            orjson.dumps({"message_id": f"{obj['resource_id']}:{counter[0]}"}),
+            status_code=202,
+            media_type="application/json",
+        )
+
+    app = Starlette(routes=[Route("/v1/reports", post_report, methods=["POST"])])
+    _uvicorn_serve(app)
+
+
+def run_sse_starlette(args: dict[str, Any]) -> None:
+    import asyncio
+
+    from sse_starlette.sse import EventSourceResponse
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.routing import Route
+
+    subs: set[asyncio.Queue[dict[str, Any]]] = set()
+    dropped = [0]
+    buffer = int(args.get("buffer", 1000))
+    next_id = [0]
+
+    async def stream(request: Request) -> EventSourceResponse:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=buffer)
+        subs.add(queue)
+
+        async def gen() -> Any:
+            try:
+                while True:
+                    yield await queue.get()
+            finally:
+                subs.discard(queue)
+
+        return EventSourceResponse(gen(), ping=15)
+
+    def publish(data: dict[str, Any]) -> None:
+        next_id[0] += 1
+        body = orjson.dumps(
+            {"id": next_id[0], "topic": "system", "at": "", "data": data}
+        ).decode()
+        item = {"id": str(next_id[0]), "event": "system", "data": body}
+        for q in list(subs):
+            try:
+                q.put_nowait(item)
+            except asyncio.QueueFull:
+                dropped[0] += 1
+
+    spec = args["sse"]
+
+    async def publisher() -> None:
+        # The same schedule as the relay's publisher, on asyncio.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spec.get("wait_subs", 60)
+        while len(subs) < spec["expect"] and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        subscribed = len(subs)
+        rate, duration = spec["rate"], spec["duration"]
+        total, period = round(rate * duration), 1.0 / rate
+        cpu0, wall0 = _cpu(), time.monotonic()
+        t0 = loop.time() + 0.2
+        published = skipped = 0
+        for seq in range(total):
+            target = t0 + seq * period
+            now = loop.time()
+            if now > target + period:
+                skipped += 1
+                continue
+            await asyncio.sleep(max(0.0, target - now))
+            publish({"kind": "bench", "seq": seq, "t": time.time()})
+            published += 1
+        await asyncio.sleep(max(0.0, t0 + duration + spec.get("grace", 1.0) - loop.time()))
+        cpu = _cpu() - cpu0
+        wall = time.monotonic() - wall0
+        emit(
+            "RESULT",
+            {
+                "subscribers_at_start": subscribed,
+                "subscribers_at_end": len(subs),
+                "planned": total,
+                "published": published,
+                "skipped": skipped,
+                "cpu_seconds": round(cpu, 3),
+                "wall_seconds": round(wall, 3),
+                "cpu_percent": round(100 * cpu / wall, 1),
+                "overflowed": dropped[0],
+            },
+        )
+
+    app = Starlette(routes=[Route("/v1/events/stream", stream)])
+    _uvicorn_serve(app, publisher)
+
+
+KINDS = {
+    "relay": run_relay,
+    "quart": run_quart,
+    "starlette": run_starlette,
+    "sse_starlette": run_sse_starlette,
+}
+
+
+def main() -> None:
+    args: dict[str, Any] = json.loads(sys.argv[1])
+    raise_fd_limit()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    KINDS[args["kind"]](args)
+
+
+if __name__ == "__main__":
+    main()
