@@ -58,6 +58,10 @@ class ResourceTable:
     max_resources: int
     on_evict: Callable[[ResourceState, str], None] | None = None
     _entries: OrderedDict[str, ResourceState] = attrs.field(factory=OrderedDict, init=False)
+    # Last seq of recently removed resources, so a resource that comes back keeps
+    # monotonic message ids (an upstream deduplicating on message id must never see a
+    # reused one). Bounded like the table itself.
+    _retired: OrderedDict[str, int] = attrs.field(factory=OrderedDict, init=False)
     evicted_lru: int = attrs.field(default=0, init=False)
     evicted_idle: int = attrs.field(default=0, init=False)
 
@@ -81,16 +85,24 @@ class ResourceTable:
         state = entries.get(resource_id)
         if state is None:
             state = ResourceState(resource_id, created_at=now, updated_at=now, last=now)
+            state.seq = self._retired.pop(resource_id, 0)
             entries[resource_id] = state
             while len(entries) > self.max_resources:
                 _, old = entries.popitem(last=False)
                 self.evicted_lru += 1
+                self._retire(old)
                 if self.on_evict is not None:
                     self.on_evict(old, "evicted")
         else:
             state.updated_at = now
             entries.move_to_end(resource_id)
         return state
+
+    def _retire(self, state: ResourceState) -> None:
+        if state.seq:
+            self._retired[state.resource_id] = state.seq
+            if len(self._retired) > self.max_resources:
+                self._retired.popitem(last=False)
 
     def evict_idle(self, now: float, ttl: float) -> list[ResourceState]:
         """Remove entries idle (not updated) for at least ``ttl`` seconds.
@@ -113,6 +125,7 @@ class ResourceTable:
                 self._entries.move_to_end(state.resource_id)
                 continue
             del self._entries[state.resource_id]
+            self._retire(state)
             removed.append(state)
         self.evicted_idle += len(removed)
         if self.on_evict is not None:

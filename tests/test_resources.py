@@ -33,3 +33,18 @@ def test_idle_eviction_keeps_pending_and_recent_entries() -> None:
 def test_message_ids_are_monotonic_per_resource() -> None:
     state = ResourceState("vm-7", created_at=0.0, updated_at=0.0)
     assert [state.next_message_id()[0] for _ in range(3)] == ["vm-7:1", "vm-7:2", "vm-7:3"]
+
+
+def test_a_returning_resource_continues_its_message_ids() -> None:
+    table = ResourceTable(2)
+    state = table.touch("vm-1", 0.0)
+    state.next_message_id()
+    state.next_message_id()
+    table.evict_idle(now=100.0, ttl=10.0)
+    assert table.get("vm-1") is None
+    back = table.touch("vm-1", 200.0)
+    assert back.next_message_id()[0] == "vm-1:3"
+    # LRU eviction retires too, and the retired map is bounded by the table's cap.
+    for rid in ("a", "b", "c", "d"):
+        table.touch(rid, 300.0).next_message_id()
+    assert len(table._retired) <= 2
