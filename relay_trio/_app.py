@@ -106,6 +106,7 @@ def create_app(relay: Relay) -> QuartTrio:
             return too_large(limit)
         body = await request.get_data(cache=False)
         assert isinstance(body, bytes)
+        g.relay_body_read = True
         if len(body) > limit:
             return too_large(limit)
         return body
@@ -128,6 +129,13 @@ def create_app(relay: Relay) -> QuartTrio:
             if observe is None:
                 observe = observers[rule] = latency.labels(rule).observe
             observe(trio.current_time() - started)
+        if not g.get("relay_body_read") and (
+            request.content_length or "chunked" in request.headers.get("Transfer-Encoding", "")
+        ):
+            # A request body left unread (413 on Content-Length, 405, a body on a GET)
+            # leaves hypercorn unable to recycle the keep-alive connection: the client's
+            # next request on it could hang. Close it instead, as nginx does after a 413.
+            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(HTTPException)
