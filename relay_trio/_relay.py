@@ -95,6 +95,7 @@ class Relay:
     shutdown_requested: trio.Event = attrs.field(init=False, factory=trio.Event)
     shutdown_reason: str = attrs.field(init=False, default="")
     _senders_done: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _settled: trio.Event = attrs.field(init=False, factory=trio.Event)
     _send_tx: trio.MemorySendChannel[Outbound] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -293,6 +294,8 @@ class Relay:
             dead = self.umh.dead_letters.get(message_id)
             if dead is not None:
                 self._on_dead_letter(dead)
+        if self.draining:
+            self._check_settled()
         self.publish(
             "acks",
             {
@@ -357,6 +360,8 @@ class Relay:
         reason = dead.reason if dead.reason in self.metrics.dead_letters else "max_attempts"
         self.metrics.dead_letters[reason].inc()
         log.warning("dead letter %s (%s)", dead.message_id, dead.reason)
+        if self.draining:
+            self._check_settled()
         self.spool.offer(
             orjson.dumps(
                 {
@@ -577,13 +582,13 @@ class Relay:
             self.shutdown_requested.set()
 
     async def drain(self, receiver: SupportsDrain | None = None) -> None:
-        """Stage shutdown: stop admitting, finish in-flight sends, flush, close streams.
+        """Stage shutdown: stop admitting, finish in-flight sends, flush pending work.
 
-        The caller bounds this with a cancel scope (``shutdown_timeout``). Order:
-        readiness false and new reports get 503; the stream receiver drains; queued and
-        in-flight sends finish; pending retries are delivered per ``shutdown_flush``; what
-        is still unconfirmed is dead-lettered with reason ``shutdown`` (logged, spooled);
-        every SSE subscriber gets a ``system`` ``shutdown`` event and its stream ends.
+        The caller bounds this with a cancel scope and then calls :meth:`finish_shutdown`,
+        whether or not the drain completed. Order: readiness false and new reports get
+        503; the stream receiver drains; queued and in-flight sends finish; pending retries
+        are delivered per ``shutdown_flush`` (``sequential``: one upstream at a time;
+        ``parallel``: all at once; ``none``: not at all), then outstanding ACKs are awaited.
         """
         c = self.config
         self.draining = True
@@ -593,10 +598,24 @@ class Relay:
             await receiver.drain(c.stream_idle_timeout)
         self._send_tx.close()
         await self._senders_done.wait()
-        if c.shutdown_flush != "none":
-            await self._flush_pending(sequential=c.shutdown_flush == "sequential")
-        self.abandon_pending("shutdown")
         await self.side.drain(c.side_timeout)
+        if c.shutdown_flush == "none":
+            return
+        await self._flush_pending(sequential=c.shutdown_flush == "sequential")
+        # Delivered but not yet confirmed: give the upstream's ACKs the rest of the budget.
+        self._check_settled()
+        await self._settled.wait()
+
+    def _check_settled(self) -> None:
+        if self.draining and self.umh.pending_count() == 0:
+            self._settled.set()
+
+    def finish_shutdown(self) -> None:
+        """Last shutdown step (synchronous): report what is still unconfirmed and close
+        every SSE stream with a ``system`` ``shutdown`` event. Never blocks."""
+        self.draining = True
+        self.ready.value = False
+        self.abandon_pending("shutdown")
         self.close_streams()
 
     async def _flush_pending(self, *, sequential: bool) -> None:

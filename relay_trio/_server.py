@@ -79,7 +79,7 @@ def hypercorn_config(config: RelayConfig) -> HyperConfig:
     hyper.h11_max_incomplete_size = 64 * 1024
     hyper.keep_alive_timeout = 75
     # Shutdown closes SSE streams first, so the graceful wait covers only short requests.
-    hyper.graceful_timeout = min(5.0, config.shutdown_timeout / 4)
+    hyper.graceful_timeout = min(5.0, config.shutdown_timeout * 0.15)
     # No read timeout: an SSE client legitimately sends nothing after its request, and
     # hypercorn's read timeout would close it. Idle keep-alive connections are bounded by
     # keep_alive_timeout, and writes by the deadline below.
@@ -159,18 +159,16 @@ class RelayServer:
             task_status.started(self.urls)
             await relay.shutdown_requested.wait()
             self.exit_reason = relay.shutdown_reason
-            with trio.move_on_after(self.config.shutdown_timeout) as budget:
+            # Seed 002: the drain gets most of the budget; stopping HTTP gets the rest.
+            with trio.move_on_after(self.config.shutdown_timeout * 0.8) as budget:
                 if self.receiver is not None:
                     self.receiver.stop_accepting()
                 await relay.drain(self.receiver)
             if budget.cancelled_caught:
-                log.warning(
-                    "shutdown budget of %ss exhausted; cancelling the rest",
-                    self.config.shutdown_timeout,
-                )
-                relay.abandon_pending("shutdown")
+                log.warning("shutdown drain budget exhausted; reporting what is left")
+            relay.finish_shutdown()
             http_stopped.set()
-            with trio.move_on_after(self.config.shutdown_timeout / 4):
+            with trio.move_on_after(self.config.shutdown_timeout * 0.2):
                 await http_done.wait()
             root.cancel_scope.cancel()
 
