@@ -182,6 +182,13 @@ def run_relay(args: dict[str, Any]) -> None:
                     "event_bytes": ring.bytes_used,
                 },
             )
+            if args.get("gc_disable"):
+                import gc
+
+                gc.disable()
+            lag = args.get("lag_monitor")
+            if lag:
+                nursery.start_soon(_lag_monitor, float(lag))
             spec = args.get("sse")
             if spec:
 
@@ -202,6 +209,29 @@ def run_relay(args: dict[str, Any]) -> None:
                 emit("RESULT", result)
 
     _profiled(args, lambda: trio.run(main))
+
+
+async def _lag_monitor(duration: float) -> None:
+    """How late a 1 ms sleep wakes up: the event loop's stall distribution."""
+    import gc
+
+    lags: list[float] = []
+    gcs0 = sum(st["collections"] for st in gc.get_stats())
+    end = trio.current_time() + duration
+    while trio.current_time() < end:
+        t = time.perf_counter()
+        await trio.sleep(0.001)
+        lags.append(time.perf_counter() - t - 0.001)
+    lags.sort()
+    emit(
+        "RESULT",
+        {
+            "loop_lag_p50_ms": round(lags[len(lags) // 2] * 1000, 2),
+            "loop_lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1000, 2),
+            "loop_lag_max_ms": round(lags[-1] * 1000, 2),
+            "gc_collections": sum(st["collections"] for st in gc.get_stats()) - gcs0,
+        },
+    )
 
 
 def _profiled(args: dict[str, Any], fn: Any) -> None:
