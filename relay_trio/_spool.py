@@ -57,6 +57,11 @@ class DeadLetterSpool:
         try:
             await trio.to_thread.run_sync(self._append, b"".join(r + b"\n" for r in batch))
             self.written += len(batch)
+        except trio.Cancelled:
+            # Cancelled before the thread started (so nothing was written): put the batch
+            # back so the shielded flush on the way out still writes it.
+            self._buffer.extendleft(reversed(batch))
+            raise
         except OSError as exc:
             self.dropped += len(batch)
             log.error("dead-letter spool %s: %s", self.path, exc.strerror)
