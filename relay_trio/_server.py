@@ -180,6 +180,9 @@ class RelayServer:
                     self.relay.request_shutdown(signal.Signals(signum).name)
                 else:
                     log.warning("second signal: cancelling at once")
+                    # Even a hard stop reports what it could not deliver (dead letters,
+                    # spooled on cancellation) and ends SSE streams with the shutdown event.
+                    self.relay.finish_shutdown()
                     root.cancel()
                     return
 
