@@ -489,6 +489,7 @@ class Relay:
                 "sse_subscribers": self.hub.subscriber_count(),
                 "dead_letters_kept": len(umh.dead_letters),
             },
+            "events": {"first_id": self.hub.ring.first_id, "last_id": self.hub.ring.last_id},
             "upstreams": self.router.states(),
             "side_queue": self.side.stats(),
             "metrics": self.metrics.snapshot(),

@@ -162,3 +162,14 @@ async def test_batch_answers_one_result_per_line_in_order(tmp_path: Path) -> Non
         )
         assert too_many.status_code == 413 and too_many.headers["content-type"] == PROBLEM
         assert server.relay.metrics.value("relay_reports_admitted_total") == 2
+
+
+async def test_status_page_is_self_contained_and_follows_the_stream(tmp_path: Path) -> None:
+    async with running_server(make_config(tmp_path)) as (_, client):
+        page = await client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        html = page.text
+        assert "new EventSource('/v1/events/stream" in html and "fetch('/v1/status')" in html
+        assert "src=" not in html and "href=" not in html  # no external assets, no build step
+        status = (await client.get("/v1/status")).json()
+        assert {"counters", "gauges", "events", "upstreams", "config"} <= set(status)
