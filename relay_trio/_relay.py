@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import aclosing
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -27,25 +27,21 @@ from ._config import RelayConfig
 from ._events import TOPICS, EventRing
 from ._hub import EventHub
 from ._metrics import RelayMetrics
-from ._model import RESOURCE_ID_RE, Accepted, Problem, invalid, validate_report
+from ._model import RESOURCE_ID_RE, Accepted, Problem, validate_report
 from ._ratelimit import LeakyBucket
 from ._resources import ResourceState, ResourceTable
 from ._scheduler import DeadlineScheduler
 from ._sender import Outbound, SenderPool, SendResult, SendStatus, Upstream, open_upstream
 from ._sidequeue import SideQueue, build_sinks
 from ._spool import DeadLetterSpool
-from ._umh import AckOutcome, Attempt, DeadLetter, Due, Outcome, RetryPolicy, UnconfirmedMessages
+from ._umh import AckOutcome, DeadLetter, Due, Outcome, RetryPolicy, UnconfirmedMessages
 from ._upstreams import HealthPolicy, UpstreamRouter
+from ._views import dead_letter_view, pending_view, rfc3339, wall_converter
 
 log = logging.getLogger("relay_trio")
 
 # How long a resend waits before another try when the send channel is full.
 _DEFER_WHEN_FULL: Final = 1.0
-
-
-def rfc3339(ts: float) -> str:
-    """``ts`` (Unix seconds) as an RFC 3339 UTC timestamp with milliseconds."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_message_id(value: object) -> tuple[str, int] | None:
@@ -95,6 +91,8 @@ class Relay:
     shutdown_requested: trio.Event = attrs.field(init=False, factory=trio.Event)
     shutdown_reason: str = attrs.field(init=False, default="")
     _senders_done: trio.Event = attrs.field(init=False, factory=trio.Event)
+    # The payload each kept dead letter carried when it died (bounded like the log).
+    _dead_payloads: OrderedDict[str, Any] = attrs.field(init=False, factory=OrderedDict)
     _settled: trio.Event = attrs.field(init=False, factory=trio.Event)
     _send_tx: trio.MemorySendChannel[Outbound] = attrs.field(init=False)
 
@@ -362,15 +360,12 @@ class Relay:
         log.warning("dead letter %s (%s)", dead.message_id, dead.reason)
         if self.draining:
             self._check_settled()
-        self.spool.offer(
-            orjson.dumps(
-                {
-                    **dead_letter_view(dead, lambda t: None if t is None else str(t)),
-                    "payload": state.payload if state is not None else None,
-                    "at": rfc3339(self.wall_clock()),
-                }
-            )
-        )
+        payload = state.payload if state is not None else None
+        self._dead_payloads[dead.message_id] = payload
+        while len(self._dead_payloads) > self.config.max_dead_letters:
+            self._dead_payloads.popitem(last=False)
+        wall_of = wall_converter(trio.current_time(), self.wall_clock())
+        self.spool.offer(orjson.dumps({**dead_letter_view(dead, wall_of), "payload": payload}))
         self.publish(
             "deadletter",
             {
@@ -398,11 +393,7 @@ class Relay:
         if state is None:
             return None
         now = trio.current_time()
-        wall = self.wall_clock()
-
-        def wall_of(t: float | None) -> str | None:
-            return None if t is None else rfc3339(wall - (now - t))
-
+        wall_of = wall_converter(now, self.wall_clock())
         c = self.config
         headroom = self.bucket.headroom(state.level, state.last, now)
         pending = self.umh.pending_for(resource_id)
@@ -423,16 +414,7 @@ class Relay:
                 "available": round(max(0.0, headroom), 6),
             },
             "upstream": self.router.urls[self.router.pick(resource_id) or 0],
-            "pending": None
-            if pending is None
-            else {
-                "message_id": pending.message_id,
-                "phase": pending.phase.value,
-                "attempts": pending.attempts,
-                "admitted_at": wall_of(pending.admitted_at),
-                "next_deadline": wall_of(pending.deadline),
-                "history": [attempt_view(a, wall_of) for a in pending.history],
-            },
+            "pending": None if pending is None else pending_view(pending, wall_of),
             "has_cached_payload": state.payload is not None,
             "last_dead_letter": None
             if state.last_dead_letter is None
@@ -441,24 +423,16 @@ class Relay:
 
     def dead_letter_page(self, after: int, limit: int) -> dict[str, Any]:
         """``GET /v1/deadletters``: dead letters with index > ``after``, oldest first."""
-        now = trio.current_time()
-        wall = self.wall_clock()
-
-        def wall_of(t: float | None) -> str | None:
-            return None if t is None else rfc3339(wall - (now - t))
-
+        wall_of = wall_converter(trio.current_time(), self.wall_clock())
         items = self.umh.dead_letters.page(after, limit)
         return {
             "dead_letters": [
-                {**dead_letter_view(d, wall_of), "payload": self._payload_of(d)} for d in items
+                {**dead_letter_view(d, wall_of), "payload": self._dead_payloads.get(d.message_id)}
+                for d in items
             ],
             "next_after": items[-1].index if items else after,
             "evicted": self.umh.dead_letters.evicted,
         }
-
-    def _payload_of(self, dead: DeadLetter) -> Any:
-        state = self.resources.get(dead.resource_id)
-        return None if state is None else state.payload
 
     def status(self) -> dict[str, Any]:
         """Counters and gauges as JSON (``GET /v1/status``), like NATS ``/varz``."""
@@ -706,29 +680,9 @@ class Relay:
                     await upstream.aclose()
 
 
-def attempt_view(attempt: Attempt, wall_of: Callable[[float | None], str | None]) -> dict[str, Any]:
-    """One attempt as JSON."""
-    return {"at": wall_of(attempt.at), "outcome": attempt.outcome, "detail": attempt.detail}
-
-
-def dead_letter_view(
-    dead: DeadLetter, wall_of: Callable[[float | None], str | None]
-) -> dict[str, Any]:
-    """A dead letter as JSON, with its full attempt history."""
-    return {
-        "index": dead.index,
-        "message_id": dead.message_id,
-        "resource_id": dead.resource_id,
-        "reason": dead.reason,
-        "admitted_at": wall_of(dead.admitted_at),
-        "dead_at": wall_of(dead.dead_at),
-        "attempts": [attempt_view(a, wall_of) for a in dead.attempts],
-    }
-
-
 def report_fields(report: Any) -> dict[str, Any]:
     """The report's fields for a side-queue record."""
     return {"resource_id": report.resource_id, "kind": report.kind, "payload": report.payload}
 
 
-__all__ = ["Relay", "invalid", "parse_message_id", "rfc3339"]
+__all__ = ["Relay", "parse_message_id"]
