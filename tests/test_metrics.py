@@ -81,7 +81,14 @@ def check_conventions(text: str) -> None:
 
 
 async def test_metrics_parse_follow_conventions_and_count(tmp_path: Path) -> None:
-    relay, ups = memory_relay(tmp_path, mode="sent", side_audit_file=str(tmp_path / "audit.jsonl"))
+    relay, ups = memory_relay(
+        tmp_path,
+        mode="sent",
+        side_audit_file=str(tmp_path / "audit.jsonl"),
+        # Unacknowledged messages are left at the end: keep the shutdown wait for them short.
+        send_timeout=1,
+        shutdown_timeout=3,
+    )
     (url,) = ups
     with trio.fail_after(20):
         async with running_server(relay.config, relay) as (_, client):
