@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run the benchmarks and regenerate the docs")
     p_run.add_argument("--quick", action="store_true", help="short runs (under 2 minutes)")
     p_run.add_argument(
-        "--only", action="append", default=[], metavar="NAME",
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
         help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
     )
     sub.add_parser("report", help="re-render docs/benchmarks.md and the chart from the JSON")

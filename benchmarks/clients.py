@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import resource
 import selectors
 import socket
 import sys
@@ -29,6 +30,11 @@ from ._common import HttpConn, emit, percentile, raise_fd_limit, split_url
 BACKOFF = 0.05
 
 REPORT = b'{"resource_id":"%s","kind":"scan","payload":{"os":"linux","n":%d}}'
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _lat_summary(lat: list[float]) -> dict[str, float]:
@@ -173,9 +179,7 @@ async def pull(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _lines(prefix: str, start: int, n: int) -> bytes:
-    return b"".join(
-        REPORT % (f"{prefix}{k}".encode(), k) + b"\n" for k in range(start, start + n)
-    )
+    return b"".join(REPORT % (f"{prefix}{k}".encode(), k) + b"\n" for k in range(start, start + n))
 
 
 async def batch(args: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +288,9 @@ def sse(args: dict[str, Any]) -> dict[str, Any]:
     socks: list[socket.socket] = []
     connect_deadline = time.monotonic() + 60
     for _ in range(n):
-        s = socket.create_connection((host, port), timeout=max(1.0, connect_deadline - time.monotonic()))
+        s = socket.create_connection(
+            (host, port), timeout=max(1.0, connect_deadline - time.monotonic())
+        )
         s.sendall(request.encode())
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ)
@@ -292,6 +298,7 @@ def sse(args: dict[str, Any]) -> dict[str, Any]:
         seen[s.fileno()] = 0
         socks.append(s)
     lat = array("d")
+    cpu0, wall0 = _cpu(), time.monotonic()
     header_pending = {s.fileno() for s in socks}
     deadline: float | None = None
     hard_stop = time.time() + args.get("max_seconds", duration + 90)
@@ -302,8 +309,9 @@ def sse(args: dict[str, Any]) -> dict[str, Any]:
         if now >= stop_at:
             break
         for key, _ in sel.select(timeout=min(0.5, stop_at - now)):
-            s = key.fileobj
-            assert isinstance(s, socket.socket)
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            s = sock
             fd = s.fileno()
             try:
                 data = s.recv(262144)
@@ -345,6 +353,7 @@ def sse(args: dict[str, Any]) -> dict[str, Any]:
                     if deadline is None:
                         deadline = float(t_b) - seq / rate + duration + grace
             seen[fd] += count
+    client_cpu = 100 * (_cpu() - cpu0) / (time.monotonic() - wall0)
     for s in socks:
         s.close()
     delivered = sum(seen.values())
@@ -360,6 +369,7 @@ def sse(args: dict[str, Any]) -> dict[str, Any]:
         "p99_ms": round(percentile(ordered, 99) * 1000, 1),
         "max_ms": round(ordered[-1] * 1000, 1) if ordered else float("nan"),
         "timed_out": deadline is None,
+        "client_cpu_percent": round(client_cpu, 1),
     }
 
 
@@ -370,10 +380,7 @@ def main() -> None:
     args: dict[str, Any] = json.loads(sys.argv[1])
     raise_fd_limit()
     kind = args["kind"]
-    if kind == "sse":
-        result = sse(args)
-    else:
-        result = trio.run(ASYNC_KINDS[kind], args)
+    result = sse(args) if kind == "sse" else trio.run(ASYNC_KINDS[kind], args)
     emit("RESULT", result)
 
 

@@ -25,7 +25,7 @@ def _f(value: Any, digits: int = 0) -> str:
 
 
 def _x(value: Any) -> str:
-    return "n/a" if value is None else f"{value:.2f}×"
+    return "n/a" if value is None else f"{value:.2f}\u00d7"
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
@@ -45,26 +45,30 @@ def targets(data: dict[str, Any]) -> list[list[str]]:
     ing = s.get("ingest", {})
     if "post" in ing:
         r = ing["relay_vs_quart_ceiling"]
-        rows.append(["single-report ingest ≥ 0.8× bare quart-trio", _x(r), _ok(r >= 0.8)])
+        rows.append(["single-report ingest ≥ 0.8\u00d7 bare quart-trio", _x(r), _ok(r >= 0.8)])
         for name, r in ing["bulk_vs_uvicorn"].items():
-            rows.append([f"{name} ≥ 2× starlette+uvicorn single POSTs", _x(r), _ok(r >= 2)])
+            rows.append([f"{name} ≥ 2\u00d7 starlette+uvicorn single POSTs", _x(r), _ok(r >= 2)])
     con = s.get("contention", {})
     if "p99_vs_idle" in con:
         r = con["p99_vs_idle"].get("relay-trio + 64 pullers")
-        rows.append(["POST p99 with 64 pullers ≤ 1.2× idle", _x(r), _ok(r is not None and r <= 1.2)])
+        rows.append(
+            ["POST p99 with 64 pullers ≤ 1.2\u00d7 idle", _x(r), _ok(r is not None and r <= 1.2)]
+        )
     fan = s.get("fanout", {})
     relay = fan.get("relay-trio (coalesced)")
     if relay:
         ok = relay["delivered_pct"] >= 100 and relay["p99_ms"] <= 250
-        rows.append([
-            "SSE 1000 × 100/s: 100% delivered, p99 ≤ 250 ms",
-            f"{relay['delivered_pct']}%, p99 {relay['p99_ms']} ms",
-            _ok(ok),
-        ])
+        rows.append(
+            [
+                "SSE 1000 \u00d7 100/s: 100% delivered, p99 ≤ 250 ms",
+                f"{relay['delivered_pct']}%, p99 {relay['p99_ms']} ms",
+                _ok(ok),
+            ]
+        )
     lim = s.get("limiter", {})
     if "relay_vs" in lim:
         worst = min(lim["relay_vs"].values())
-        rows.append(["limiter ≥ 2× `limits` (every strategy)", _x(worst), _ok(worst >= 2)])
+        rows.append(["limiter ≥ 2\u00d7 `limits` (every strategy)", _x(worst), _ok(worst >= 2)])
     umh = s.get("umh", {})
     bpe = umh.get("bytes_per_entry", umh.get("bytes_per_pending"))
     if bpe is not None:
@@ -77,13 +81,29 @@ def _ingest(ing: dict[str, Any]) -> str:
     uvicorn = posts["starlette+uvicorn (bare)"]["rps"]
     quart = posts["quart-trio (bare)"]["rps"]
     rows = [
-        [f"`POST /v1/reports` {name}", _f(p["rps"]), _f(p["p50_ms"], 1), _f(p["p99_ms"], 1),
-         _x(p["rps"] / quart), _x(p["rps"] / uvicorn), _f(p.get("non_2xx", 0))]
+        [
+            f"`POST /v1/reports` {name}",
+            _f(p["rps"]),
+            _f(p["p50_ms"], 1),
+            _f(p["p99_ms"], 1),
+            _x(p["rps"] / quart),
+            _x(p["rps"] / uvicorn),
+            _f(p.get("non_2xx", 0)),
+        ]
         for name, p in posts.items()
     ]
     for name, b in ing["bulk"].items():
-        rows.append([f"relay-trio {name}", _f(b["reports_per_s"]), "", "", _x(b["reports_per_s"] / quart),
-                     _x(b["reports_per_s"] / uvicorn), _f(b["rejected"])])
+        rows.append(
+            [
+                f"relay-trio {name}",
+                _f(b["reports_per_s"]),
+                "",
+                "",
+                _x(b["reports_per_s"] / quart),
+                _x(b["reports_per_s"] / uvicorn),
+                _f(b["rejected"]),
+            ]
+        )
     tool = next(iter(posts.values()))["tool"]
     conns = next(iter(posts.values()))["conns"]
     return (
@@ -92,7 +112,15 @@ def _ingest(ing: dict[str, Any]) -> str:
         "report goes all the way to the embedded JSONL upstream and is acknowledged). Batch "
         "and stream rows count admitted reports per second.\n\n"
         + _table(
-            ["what", "reports/s", "p50 ms", "p99 ms", "× quart-trio", "× starlette", "rejected / non-2xx"],
+            [
+                "what",
+                "reports/s",
+                "p50 ms",
+                "p99 ms",
+                "\u00d7 quart-trio",
+                "\u00d7 starlette",
+                "rejected / non-2xx",
+            ],
             rows,
         )
         + f"\n\nrelay-trio single POSTs are **{_x(ing['relay_vs_quart_ceiling'])}** the bare "
@@ -107,14 +135,18 @@ def _contention(con: dict[str, Any]) -> str:
         r = con.get(name)
         if r is None:
             continue
-        rows.append([
-            name, _f(r["p50_ms"], 2), _f(r["p99_ms"], 2),
-            _x(con["p99_vs_idle"].get(name, 1.0)),
-            _f(r.get("pulls_per_s"), 0) if "pulls_per_s" in r else "",
-            _f(r.get("mib_per_s"), 1) if "mib_per_s" in r else "",
-            _f(r.get("pull_p99_ms"), 1) if "pull_p99_ms" in r else "",
-            f"{r['events_in_log']:,} ({r['log_mib']} MiB)",
-        ])
+        rows.append(
+            [
+                name,
+                _f(r["p50_ms"], 2),
+                _f(r["p99_ms"], 2),
+                _x(con["p99_vs_idle"].get(name, 1.0)),
+                _f(r.get("pulls_per_s"), 0) if "pulls_per_s" in r else "",
+                _f(r.get("mib_per_s"), 1) if "mib_per_s" in r else "",
+                _f(r.get("pull_p99_ms"), 1) if "pull_p99_ms" in r else "",
+                f"{r['events_in_log']:,} ({r['log_mib']} MiB)",
+            ]
+        )
     return (
         f"The event log is filled to 64 MiB before the run. {con['pullers']} pullers each ask "
         f"for `GET /v1/events?after=…&limit=1000` every {con['pull_interval_s']:g} s on a fixed "
@@ -123,8 +155,16 @@ def _contention(con: dict[str, Any]) -> str:
         "and records each latency. The naive variant copies the whole log on every pull, then "
         "filters and slices it (the seed-004 bug, in Python).\n\n"
         + _table(
-            ["run", "POST p50 ms", "POST p99 ms", "p99 × idle", "pulls/s", "MiB/s served",
-             "pull p99 ms", "log"],
+            [
+                "run",
+                "POST p50 ms",
+                "POST p99 ms",
+                "p99 \u00d7 idle",
+                "pulls/s",
+                "MiB/s served",
+                "pull p99 ms",
+                "log",
+            ],
             rows,
         )
     )
@@ -132,16 +172,22 @@ def _contention(con: dict[str, Any]) -> str:
 
 def _fanout(fan: dict[str, Any]) -> str:
     rows = []
-    for name in ["relay-trio (coalesced)", "relay-trio, one event per write", "sse-starlette on uvicorn"]:
-        r = fan.get(name)
-        if r is None:
+    for name, r in fan.items():
+        if not isinstance(r, dict) or "server" not in r:
             continue
         srv = r["server"]
-        rows.append([
-            name, f"{r['delivered_pct']}%", _f(r["p50_ms"], 1), _f(r["p99_ms"], 1),
-            f"{srv['cpu_percent']}%", f"{srv['published']}/{srv['planned']}",
-            _f(srv.get("overflowed", 0)), _f(r["closed_early"]),
-        ])
+        rows.append(
+            [
+                name,
+                f"{r['delivered_pct']}%",
+                _f(r["p50_ms"], 1),
+                _f(r["p99_ms"], 1),
+                f"{srv['cpu_percent']}%",
+                f"{srv['published']}/{srv['planned']}",
+                _f(srv.get("overflowed", 0)),
+                _f(r["closed_early"]),
+            ]
+        )
     return (
         f"{fan['subscribers']} SSE subscribers in a separate client process (one epoll loop, "
         f"raw sockets), {fan['rate']} events/s published for {fan['duration_s']:g} s on a fixed "
@@ -150,8 +196,16 @@ def _fanout(fan: dict[str, Any]) -> str:
         f"arrived by the planned end plus {fan['grace_s']:g} s; latency is publish → receipt "
         "(same machine clock). CPU is the server process over the publishing window.\n\n"
         + _table(
-            ["server", "delivered", "p50 ms", "p99 ms", "server CPU", "published/planned",
-             "overflowed/dropped", "streams closed"],
+            [
+                "server",
+                "delivered",
+                "p50 ms",
+                "p99 ms",
+                "server CPU",
+                "published/planned",
+                "overflowed/dropped",
+                "streams closed",
+            ],
             rows,
         )
     )
@@ -166,21 +220,29 @@ def _limiter(lim: dict[str, Any]) -> str:
             rows.append([name, _f(r["decisions_per_s"]), _x(relay / r["decisions_per_s"])])
     full = lim.get("full_admit")
     if full:
-        rows.append(["relay-trio `Relay.admit` (validation, table, UMH, event)",
-                     _f(full["decisions_per_s"]), ""])
+        rows.append(
+            [
+                "relay-trio `Relay.admit` (validation, table, UMH, event)",
+                _f(full["decisions_per_s"]),
+                "",
+            ]
+        )
     return (
         f"{lim['decisions']:,} decisions over {lim['resources']:,} distinct resources "
         "(round-robin, one process, no I/O). `limits` uses `MemoryStorage`.\n\n"
-        + _table(["limiter", "decisions/s", "relay-trio ×"], rows)
+        + _table(["limiter", "decisions/s", "relay-trio \u00d7"], rows)
     )
 
 
 def _umh(umh: dict[str, Any]) -> str:
     if "skipped" in umh:
         return f"Skipped: {umh['skipped']}."
-    rows = [[k, _f(v, 3) if isinstance(v, float) else _f(v)] for k, v in umh.items()
-            if k not in ("mode", "commit", "benchmark", "python", "platform", "cpus", "seconds")
-            and not isinstance(v, dict | list)]
+    rows = [
+        [k, _f(v, 3) if isinstance(v, float) else _f(v)]
+        for k, v in umh.items()
+        if k not in ("mode", "commit", "benchmark", "python", "platform", "cpus", "seconds")
+        and not isinstance(v, dict | list)
+    ]
     return _table(["measure", "value"], rows)
 
 
@@ -246,11 +308,15 @@ def render(data: dict[str, Any]) -> None:
         _table(
             ["machine", ""],
             [
-                ["CPU", f"{m['cpu_count']} × {m['cpu_model']}"],
+                ["CPU", f"{m['cpu_count']} \u00d7 {m['cpu_model']}"],
                 ["memory", f"{m['memory_gib']} GiB"],
                 ["Python", f"{m['implementation']} {m['python']}"],
                 ["platform", m["platform"]],
-                ["git commit", f"`{m['git_commit']}`" + (" (relay_trio modified)" if m.get("relay_trio_dirty") else "")],
+                [
+                    "git commit",
+                    f"`{m['git_commit']}`"
+                    + (" (relay_trio modified)" if m.get("relay_trio_dirty") else ""),
+                ],
                 ["mode", data.get("mode", "?")],
                 ["run at", m["date"]],
             ],
@@ -278,14 +344,19 @@ def render(data: dict[str, Any]) -> None:
         elif "error" in result:
             parts += [f"Failed in this run: `{result['error']}`", ""]
         else:
-            parts += [fn(result), "", f"*({result.get('mode', '?')} mode, {result.get('seconds', '?')} s, commit `{result.get('commit', '?')}`)*", ""]
+            parts += [
+                fn(result),
+                "",
+                f"*({result.get('mode', '?')} mode, {result.get('seconds', '?')} s, commit `{result.get('commit', '?')}`)*",
+                "",
+            ]
     parts += ["## What the profiles showed", "", PROFILE_NOTES, HOW_TO]
     PAGE.write_text("\n".join(parts))
     chart(data)
 
 
 def chart(data: dict[str, Any]) -> None:
-    """A 2×2 PNG summary of the scenarios, from the JSON."""
+    """A 2x2 PNG summary of the scenarios, from the JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,24 +394,39 @@ def chart(data: dict[str, Any]) -> None:
     if names:
         x = range(len(names))
         ax.bar(list(x), [max(fan[n]["p99_ms"], 0.1) for n in names], color="tab:orange")
-        ax.set_xticks(list(x), [n.replace(", ", ",\n").replace(" on ", "\non ") for n in names], fontsize=8)
+        ax.set_xticks(
+            list(x), [n.replace(", ", ",\n").replace(" on ", "\non ") for n in names], fontsize=8
+        )
         ax.set_ylabel("publish→deliver p99, ms (log)")
         ax.set_yscale("log")
         for i, n in enumerate(names):
-            ax.annotate(f"{fan[n]['delivered_pct']}% delivered", (i, max(fan[n]["p99_ms"], 0.1)),
-                        ha="center", va="bottom", fontsize=8)
-    ax.set_title("3. SSE 1000 subscribers × 100 events/s")
+            ax.annotate(
+                f"{fan[n]['delivered_pct']}% delivered",
+                (i, max(fan[n]["p99_ms"], 0.1)),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    ax.set_title("3. SSE 1000 subscribers \u00d7 100 events/s")
     ax = axes[1][1]
     lim = s.get("limiter", {})
     names = [k for k in lim if isinstance(lim[k], dict) and "decisions_per_s" in lim[k]]
     if names:
-        ax.barh(names, [lim[n]["decisions_per_s"] for n in names],
-                color=["tab:blue" if n.startswith("relay") or n == "full_admit" else "tab:gray" for n in names])
+        ax.barh(
+            names,
+            [lim[n]["decisions_per_s"] for n in names],
+            color=[
+                "tab:blue" if n.startswith("relay") or n == "full_admit" else "tab:gray"
+                for n in names
+            ],
+        )
         ax.set_xlabel("decisions/s")
         ax.invert_yaxis()
     ax.set_title("4. Limiter, 100k resources (higher is better)")
-    fig.suptitle(f"relay-trio benchmarks — commit {data['machine']['git_commit']}, "
-                 f"{data['machine']['cpu_count']} CPUs, Python {data['machine']['python']}")
+    fig.suptitle(
+        f"relay-trio benchmarks — commit {data['machine']['git_commit']}, "
+        f"{data['machine']['cpu_count']} CPUs, Python {data['machine']['python']}"
+    )
     fig.tight_layout()
     CHART.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(CHART, dpi=90)

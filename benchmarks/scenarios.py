@@ -24,7 +24,11 @@ MIB = 1024 * 1024
 
 #: Relay settings for throughput runs: every report is for a fresh resource, so the
 #: per-resource limiter admits; the table is large enough to never evict during a run.
-INGEST_CONFIG: dict[str, Any] = {"rate_per_minute": 1_000_000.0, "burst": 10, "max_resources": 2_000_000}
+INGEST_CONFIG: dict[str, Any] = {
+    "rate_per_minute": 1_000_000.0,
+    "burst": 10,
+    "max_resources": 2_000_000,
+}
 
 
 def ratio(a: float, b: float) -> float:
@@ -82,8 +86,17 @@ def post_throughput(
             check=False,
         )
         out = subprocess.run(
-            [wrk, "-t1", f"-c{conns}", f"-d{duration:g}s", "--latency", "-s",
-             str(HERE / "wrk_post.lua"), url, tag],
+            [
+                wrk,
+                "-t1",
+                f"-c{conns}",
+                f"-d{duration:g}s",
+                "--latency",
+                "-s",
+                str(HERE / "wrk_post.lua"),
+                url,
+                tag,
+            ],
             capture_output=True,
             text=True,
             timeout=duration + 60,
@@ -107,8 +120,14 @@ def post_throughput(
     procs = [
         Child(
             "benchmarks.clients",
-            {"kind": "post", "url": url, "duration": duration, "conns": max(1, conns // 2),
-             "warmup": 1.0, "tag": f"{tag}{i}-"},
+            {
+                "kind": "post",
+                "url": url,
+                "duration": duration,
+                "conns": max(1, conns // 2),
+                "warmup": 1.0,
+                "tag": f"{tag}{i}-",
+            },
         )
         for i in range(2)
     ]
@@ -134,7 +153,7 @@ def post_throughput(
 
 
 def ingest(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    duration = 4.0 if quick else 10.0
+    duration = 3.0 if quick else 10.0
     conns = 32
     wrk = ensure_wrk(log)
     posts: dict[str, Any] = {}
@@ -179,17 +198,23 @@ def ingest(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 def contention(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    duration = 5.0 if quick else 15.0
+    duration = 4.0 if quick else 15.0
     pullers = 64
-    interval = float(os.environ.get("BENCH_PULL_INTERVAL", "1.0"))  # seconds between pulls, per puller
-    probe = {"duration": duration, "conns": 4, "rate": 100}
+    interval = float(
+        os.environ.get("BENCH_PULL_INTERVAL", "1.0")
+    )  # seconds between pulls, per puller
+    probe = {"duration": duration, "conns": 4, "rate": 200}
     config = {
         **INGEST_CONFIG,
         "event_ring_bytes": 64 * MIB,
         "event_ring_size": 10_000_000,
     }
-    out: dict[str, Any] = {"duration_s": duration, "pullers": pullers,
-                           "pull_interval_s": interval, "probe_rate": probe["rate"]}
+    out: dict[str, Any] = {
+        "duration_s": duration,
+        "pullers": pullers,
+        "pull_interval_s": interval,
+        "probe_rate": probe["rate"],
+    }
     runs = [
         ("idle (no pullers)", {}, 0),
         ("relay-trio + 64 pullers", {}, pullers),
@@ -201,8 +226,14 @@ def contention(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
             if n:
                 puller = Child(
                     "benchmarks.clients",
-                    {"kind": "pull", "url": info["url"], "duration": duration + 2.0,
-                     "pullers": n, "interval": interval, "last_id": info["events"]},
+                    {
+                        "kind": "pull",
+                        "url": info["url"],
+                        "duration": duration + 2.0,
+                        "pullers": n,
+                        "interval": interval,
+                        "last_id": info["events"],
+                    },
                 )
                 time.sleep(1.0)
             try:
@@ -217,9 +248,7 @@ def contention(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
         out[name] = result
         log(f"  {name}: POST p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms")
     idle = out["idle (no pullers)"]["p99_ms"]
-    out["p99_vs_idle"] = {
-        k: ratio(out[k]["p99_ms"], idle) for k, _, n in runs if n
-    }
+    out["p99_vs_idle"] = {k: ratio(out[k]["p99_ms"], idle) for k, _, n in runs if n}
     return out
 
 
@@ -229,26 +258,61 @@ def contention(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
 def fanout(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     subscribers = 1000
     rate = 100
-    duration = 5.0 if quick else 15.0
+    duration = 4.0 if quick else 15.0
     grace = 1.0
     spec = {"rate": rate, "duration": duration, "expect": subscribers, "grace": grace}
     relay_config = {"max_subscribers": subscribers + 100, "heartbeat_interval": 15.0}
-    out: dict[str, Any] = {"subscribers": subscribers, "rate": rate, "duration_s": duration,
-                           "grace_s": grace}
+    out: dict[str, Any] = {
+        "subscribers": subscribers,
+        "rate": rate,
+        "duration_s": duration,
+        "grace_s": grace,
+    }
     runs: list[tuple[str, str, dict[str, Any], str]] = [
-        ("relay-trio (coalesced)", "relay", {"config": relay_config}, "/v1/events/stream?topic=system"),
-        ("relay-trio, one event per write", "relay",
-         {"config": relay_config, "per_event_hub": True}, "/v1/events/stream?topic=system"),
+        (
+            "relay-trio (coalesced)",
+            "relay",
+            {"config": relay_config},
+            "/v1/events/stream?topic=system",
+        ),
+        (
+            "relay-trio, one event per write",
+            "relay",
+            {"config": relay_config, "per_event_hub": True},
+            "/v1/events/stream?topic=system",
+        ),
         ("sse-starlette on uvicorn", "sse_starlette", {}, "/v1/events/stream"),
     ]
+    if not quick:
+        # A/B for a proposed _hub.py change (see docs/benchmarks.md): each subscriber
+        # joins every chunk already queued for it into one write.
+        runs.insert(
+            1,
+            (
+                "relay-trio + drain-and-join (proposed)",
+                "relay",
+                {"config": relay_config, "drain_patch": True},
+                "/v1/events/stream?topic=system",
+            ),
+        )
     for name, kind, extra, path in runs:
         with server(kind, sse=spec, **extra) as (srv, info):
-            got = client("sse", duration + 120, url=info["url"], path=path,
-                         subscribers=subscribers, rate=rate, duration=duration, grace=grace)
+            got = client(
+                "sse",
+                duration + 120,
+                url=info["url"],
+                path=path,
+                subscribers=subscribers,
+                rate=rate,
+                duration=duration,
+                grace=grace,
+            )
             got["server"] = srv.result(60)
         out[name] = got
-        log(f"  {name}: {got['delivered_pct']}% delivered, p99 {got['p99_ms']} ms, "
-            f"CPU {got['server']['cpu_percent']}%")
+        log(
+            f"  {name}: {got['delivered_pct']}% delivered, p99 {got['p99_ms']} ms, "
+            f"CPU {got['server']['cpu_percent']}%"
+        )
     base = out["sse-starlette on uvicorn"]
     relay = out["relay-trio (coalesced)"]
     out["p99_vs_sse_starlette"] = ratio(relay["p99_ms"], base["p99_ms"])
@@ -271,7 +335,7 @@ def limiter(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     from relay_trio._resources import ResourceTable
 
     resources = 100_000
-    rounds = 2 if quick else 10
+    rounds = 1 if quick else 10
     ids = [f"vm-{i:06d}" for i in range(resources)]
     decisions = resources * rounds
     out: dict[str, Any] = {"resources": resources, "decisions": decisions}
@@ -314,8 +378,11 @@ def limiter(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
         t = time.perf_counter()
         admitted = fn()
         wall = time.perf_counter() - t
-        out[name] = {"decisions_per_s": round(decisions / wall), "admitted": admitted,
-                     "seconds": round(wall, 3)}
+        out[name] = {
+            "decisions_per_s": round(decisions / wall),
+            "admitted": admitted,
+            "seconds": round(wall, 3),
+        }
         log(f"  {name}: {decisions / wall:,.0f} decisions/s")
     out["full_admit"] = _admit_path(ids, rounds)
     log(f"  Relay.admit (full path): {out['full_admit']['decisions_per_s']:,} decisions/s")
@@ -340,8 +407,13 @@ def _admit_path(ids: list[str], rounds: int) -> dict[str, Any]:
     decisions = len(ids) * rounds
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
-            {"data_dir": tmp, "rate_per_minute": 60.0, "burst": 5,
-             "max_resources": len(ids) * 2, "send_queue_size": decisions + 1},
+            {
+                "data_dir": tmp,
+                "rate_per_minute": 60.0,
+                "burst": 5,
+                "max_resources": len(ids) * 2,
+                "send_queue_size": decisions + 1,
+            },
             {},
             None,
         )
