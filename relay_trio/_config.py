@@ -339,6 +339,12 @@ def validate(config: RelayConfig) -> None:
     # Seed 002: the shutdown budget must contain the budgets it waits on, or a drain
     # that is "within its deadline" is cut off by the outer one.
     _require(
+        c.shutdown_timeout > c.write_timeout,
+        "shutdown_timeout",
+        f"({c.shutdown_timeout}s) must exceed write_timeout ({c.write_timeout}s): "
+        "a write to a client that stopped reading is only cut at its write deadline",
+    )
+    _require(
         c.shutdown_timeout > c.send_timeout,
         "shutdown_timeout",
         f"({c.shutdown_timeout}s) must exceed send_timeout ({c.send_timeout}s): "

@@ -58,6 +58,7 @@ def test_token_from_file_and_never_in_summary(tmp_path: Path) -> None:
         ({"shutdown_flush": "sometimes"}, "shutdown_flush"),
         ({"upstreams": "ftp://x"}, "upstreams"),
         ({"shutdown_timeout": "5", "send_timeout": "10"}, "shutdown_timeout"),
+        ({"shutdown_timeout": "8", "send_timeout": "2", "write_timeout": "9"}, "shutdown_timeout"),
         ({"retry_cap": "1", "retry_base": "30"}, "retry_cap"),
         ({"dry_run": "perhaps"}, "dry_run"),
         ({"nonsense": "1"}, "nonsense"),

@@ -88,6 +88,7 @@ async def test_metrics_parse_follow_conventions_and_count(tmp_path: Path) -> Non
         # Unacknowledged messages are left at the end: keep the shutdown wait for them short.
         send_timeout=1,
         shutdown_timeout=3,
+        write_timeout=2,
     )
     (url,) = ups
     with trio.fail_after(20):

@@ -62,6 +62,8 @@ async def relay_process(tmp_path: Path, **settings: object) -> AsyncIterator[Rel
         "RELAY_TRIO_BURST": "100",
         "RELAY_TRIO_HEARTBEAT_INTERVAL": "1",
         "RELAY_TRIO_FAILURES_TO_DOWN": "1000",
+        # Short budgets need a short write deadline (config requires write < shutdown).
+        "RELAY_TRIO_WRITE_TIMEOUT": "2",
     }
     env.update({f"RELAY_TRIO_{k.upper()}": str(v) for k, v in settings.items()})
     stderr = tmp_path / "stderr.log"
