@@ -247,21 +247,36 @@ def _umh(umh: dict[str, Any]) -> str:
 
 
 PROFILE_NOTES = """\
-Profiles were taken with `py-spy record` (200 Hz) against the server process while the
-scenario's load ran (see *How to profile* below).
+Profiles were taken with `py-spy record -r 200 -f raw` against the server process while the
+scenario's load ran (see *How to profile*); percentages are shares of the server's samples.
+No relay-side change was made by the benchmark work itself: the hot spots below sit in
+modules owned by others and are listed as proposals (with the A/B the harness can run).
 
-* **Ingest (stream / batch / single POST).** Per admitted report the relay publishes two
-  events (`reports` on admission, `acks` when the embedded sink acknowledges). In the
-  stream-ingest profile `rfc3339()` (a `datetime` round trip per event) was 9% of all
-  samples, prometheus-client counter increments (a `threading.Lock` per `inc()`, plus a
-  `labels()` lookup per send) about 6%, and `EventRing.publish` 5%. Single POSTs are
-  dominated by quart/hypercorn's per-request cost (routing, h11, request/response
-  objects), which is why the bare quart-trio app is the ceiling.
-* **Lock contention.** With page-only copies a 1000-event pull costs the relay well under a
-  millisecond; the naive variant spends its time in the whole-log `list()` copy and the
-  filter over ~150k events, which is what stalls the POSTs.
-* **SSE fan-out.** The cost is the number of socket writes per subscriber; coalescing
-  at the hub (one joined chunk per subscriber per flush) is what keeps delivery at 100%.
+* **Stream / batch ingest.** Per admitted report the relay publishes two events (`reports`
+  at admission, `acks` when the embedded sink acknowledges) and runs the sender path.
+  `rfc3339()` (a `datetime` round trip per event, `_relay.py`) was **9%** of all samples;
+  prometheus-client counter increments (a `threading.Lock` per `inc()`, plus a `labels()`
+  lookup per send) about **6%**; `EventRing.publish` 5%; the `FileUpstream` worker-thread
+  hop per sender batch shows up as GIL hand-offs. Proposal: memoise `rfc3339` per
+  millisecond (the string only changes once per ms) and pre-bind labelled counters.
+* **Single POSTs.** 80% of the main thread is quart + hypercorn + h11 per-request work
+  (routing, request/response objects, h11 framing); the relay's own share
+  (`post_report` → `Relay.admit`, sender and ACK path) is about 15%, plus the
+  `before_request`/`after_request` latency-histogram hooks. This is why the bare
+  quart-trio app is the ceiling and batch/stream ingest exist.
+* **Lock contention.** A 1000-event pull costs the relay little (`EventRing.page` +
+  `render_page` ≈ 10% of pull handling); the rest is hypercorn writing ~140 KB per page to
+  the socket. The naive variant spends its time in the whole-log `list()` copy and the
+  filter over ~130k events, which is what stalls the POSTs.
+* **SSE fan-out.** The cost is per socket write: hypercorn's `protocol_send` (h11 chunk
+  framing, send lock) plus relay-trio's per-write deadline wrapper (`_server.py`
+  `install_write_deadline`: a `CancelScope` with a deadline per write was ~14% of samples
+  in `CancelScope.__enter__`/`__exit__`). Under load each subscriber can also receive
+  several queued chunks per scheduler round and writes each separately; the
+  *drain-and-join (proposed)* row measures a `Subscription.stream` that joins every chunk
+  already queued into one write (a local change in `_hub.py`).
+* **Noise.** This machine is shared; runs vary by up to 2x in tail latency. Compare rows
+  within one run, not across runs.
 """
 
 HOW_TO = """\
