@@ -18,6 +18,10 @@ import attrs
 ENV_PREFIX: Final = "RELAY_TRIO_"
 FLUSH_MODES: Final = ("sequential", "parallel", "none")
 MIB: Final = 1024 * 1024
+#: Share of ``shutdown_timeout`` for the drain; the rest closes streams and stops HTTP.
+DRAIN_SHARE: Final = 0.8
+#: Share of ``shutdown_timeout`` stream connections get to finish their lines.
+RECEIVER_SHARE: Final = 0.1
 
 
 class ConfigError(ValueError):
@@ -135,6 +139,30 @@ class RelayConfig:
         if self.max_subscribers_per_topic is not None:
             return self.max_subscribers_per_topic
         return self.max_subscribers
+
+    @property
+    def drain_budget(self) -> float:
+        """The part of ``shutdown_timeout`` the staged drain may use (the rest stops HTTP)."""
+        return self.shutdown_timeout * DRAIN_SHARE
+
+    @property
+    def receiver_drain_budget(self) -> float:
+        """How long stream connections get to finish their current lines at shutdown."""
+        return min(self.stream_idle_timeout, self.shutdown_timeout * RECEIVER_SHARE)
+
+    def drain_budget_needed(self) -> float:
+        """Worst-case drain time: receiver, in-flight sends, then the flush's sends.
+
+        Seed 002: an outer deadline must be the sum of the budgets it contains, or a step
+        that is "within its own deadline" is cut off by the outer one.
+        """
+        flush_rounds = {
+            "sequential": len(self.effective_upstreams),
+            "parallel": 1,
+            "none": 0,
+        }.get(self.shutdown_flush, 0)
+        receiver = self.receiver_drain_budget if self.stream_listen else 0.0
+        return receiver + self.send_timeout * (1 + flush_rounds)
 
     def summary(self) -> dict[str, Any]:
         """The settings as JSON-ready values, with every token replaced by ``set``/``unset``."""
@@ -349,4 +377,12 @@ def validate(config: RelayConfig) -> None:
         "shutdown_timeout",
         f"({c.shutdown_timeout}s) must exceed send_timeout ({c.send_timeout}s): "
         "in-flight sends are drained within it",
+    )
+    needed = c.drain_budget_needed()
+    _require(
+        c.drain_budget >= needed,
+        "shutdown_timeout",
+        f"({c.shutdown_timeout}s) leaves {c.drain_budget:g}s to drain, but send_timeout "
+        f"({c.send_timeout}s) with shutdown_flush={c.shutdown_flush} over "
+        f"{len(c.effective_upstreams)} upstream(s) needs {needed:g}s",
     )

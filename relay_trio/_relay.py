@@ -570,7 +570,7 @@ class Relay:
         self.ready.value = False
         self.publish("system", {"kind": "draining", "flush": c.shutdown_flush})
         if receiver is not None:
-            await receiver.drain(c.stream_idle_timeout)
+            await receiver.drain(c.receiver_drain_budget)
         self._send_tx.close()
         await self._senders_done.wait()
         await self.side.drain(c.side_timeout)

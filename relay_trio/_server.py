@@ -160,7 +160,7 @@ class RelayServer:
             await relay.shutdown_requested.wait()
             self.exit_reason = relay.shutdown_reason
             # Seed 002: the drain gets most of the budget; stopping HTTP gets the rest.
-            with trio.move_on_after(self.config.shutdown_timeout * 0.8) as budget:
+            with trio.move_on_after(self.config.drain_budget) as budget:
                 if self.receiver is not None:
                     self.receiver.stop_accepting()
                 await relay.drain(self.receiver)
@@ -168,7 +168,7 @@ class RelayServer:
                 log.warning("shutdown drain budget exhausted; reporting what is left")
             relay.finish_shutdown()
             http_stopped.set()
-            with trio.move_on_after(self.config.shutdown_timeout * 0.2):
+            with trio.move_on_after(self.config.shutdown_timeout - self.config.drain_budget):
                 await http_done.wait()
             root.cancel_scope.cancel()
 

@@ -30,6 +30,7 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
     toml = tmp_path / "relay.toml"
     toml.write_text(
         'port = 1111\nburst = 4\nrate_per_minute = 2.5\nupstreams = ["http://a", "http://b"]\n'
+        'shutdown_flush = "parallel"\n'
     )
     env = {"RELAY_TRIO_PORT": "2222", "RELAY_TRIO_UPSTREAMS": "http://c, http://d"}
     c = load_config({"port": "3333"}, env, toml)
@@ -38,6 +39,22 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
     assert (c.burst, c.rate_per_minute) == (4, 2.5)
     assert load_config({}, env, toml).port == 2222
     assert load_config({}, {}, toml).port == 1111
+
+
+def test_shutdown_budget_must_contain_the_drain_it_waits_on() -> None:
+    # 3 upstreams flushed one after another: 10 s in-flight + 3 x 10 s flush > 0.8 x 30 s.
+    flags = {"upstreams": "http://a,http://b,http://c"}
+    try:
+        load_config(flags, {}, None)
+    except ConfigError as exc:
+        assert exc.setting == "shutdown_timeout"
+        assert "send_timeout (10.0s)" in str(exc) and "sequential" in str(exc) and "40s" in str(exc)
+    else:
+        raise AssertionError("an impossible shutdown budget was accepted")
+    assert (
+        load_config({**flags, "shutdown_flush": "parallel"}, {}, None).drain_budget_needed() == 20
+    )
+    assert load_config({**flags, "shutdown_timeout": "51"}, {}, None).drain_budget >= 40
 
 
 def test_token_from_file_and_never_in_summary(tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "RELAY_TRIO_BATCH_MAX_BYTES": "16384",
         "RELAY_TRIO_HEARTBEAT_INTERVAL": "0.2",
         "RELAY_TRIO_SHUTDOWN_TIMEOUT": "15",
+        "RELAY_TRIO_SEND_TIMEOUT": "5",
         # No admin token: POST /admin/shutdown is always 403, so fuzzing cannot stop it.
     }
     with stderr.open("wb") as err:

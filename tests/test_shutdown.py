@@ -315,7 +315,7 @@ async def test_sse_client_that_stops_reading_cannot_hold_shutdown(tmp_path: Path
 async def test_second_sigterm_during_stalled_drain_exits_promptly(tmp_path: Path) -> None:
     async with (
         run_fake_upstream(Behaviour(stall=60)) as up,
-        relay_process(tmp_path, upstreams=up.url, send_timeout=20, shutdown_timeout=30) as relay,
+        relay_process(tmp_path, upstreams=up.url, send_timeout=20, shutdown_timeout=60) as relay,
     ):
         async with httpx.AsyncClient(base_url=relay.url) as client:
             for i in range(5):
