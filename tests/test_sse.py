@@ -130,6 +130,14 @@ async def test_slow_reader_is_dropped_while_a_fast_reader_gets_everything(tmp_pa
             assert received == list(range(3000))
             assert relay.hub.overflowed >= 1
             await eventually(lambda: relay.hub.subscriber_count() == 1, within=5)
+        # Its write blocked on a full socket: the watchdog cuts the connection.
+        await eventually(lambda: server.watchdog.closed >= 1, within=5)
+        with trio.fail_after(5):
+            try:
+                while await slow.receive_some(1 << 20):
+                    pass
+            except trio.BrokenResourceError:
+                pass  # a reset is as good as EOF: the server side is gone
         await slow.aclose()
 
 
