@@ -1,7 +1,10 @@
 """Prometheus metrics for one relay, in a registry of its own.
 
-Label children used on hot paths are bound once here, so recording a figure is an
-attribute lookup and an ``inc()``, not a label-tuple hash per report.
+Counters on the report path are :class:`Tally` objects: a plain attribute add per
+``inc()``. prometheus-client's own ``Counter`` takes a lock and checks observability on
+every increment (measured: ~22 us of ~60 us per admitted report end to end); the relay
+runs on one Trio thread, so the lock buys nothing. Tallies are exposed through a
+collector at scrape time, with the same names and types as real counters.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -37,45 +40,41 @@ class RelayMetrics:
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
-        self.reports_received = Counter(
-            "relay_reports_received_total", "Reports received on any front door", registry=r
-        )
-        self.reports_admitted = Counter(
-            "relay_reports_admitted_total", "Reports admitted and queued for sending", registry=r
-        )
-        rejected = Counter(
-            "relay_reports_rejected_total", "Reports rejected, by reason", ["reason"], registry=r
+        self.reports_received = self.tally(
+            "relay_reports_received_total", "Reports received on any front door"
+        ).labels()
+        self.reports_admitted = self.tally(
+            "relay_reports_admitted_total", "Reports admitted and queued for sending"
+        ).labels()
+        rejected = self.tally(
+            "relay_reports_rejected_total", "Reports rejected, by reason", ("reason",)
         )
         self.rejected = {reason: rejected.labels(reason) for reason in REJECT_REASONS}
-        self.dry_run_would_reject = Counter(
+        self.dry_run_would_reject = self.tally(
             "relay_dry_run_would_reject_total",
             "Reports admitted in dry-run mode that the limiter would have rejected",
-            registry=r,
+        ).labels()
+        self.sends = self.tally(
+            "relay_sends_total", "Send attempts, by upstream and outcome", ("upstream", "outcome")
         )
-        self.sends = Counter(
-            "relay_sends_total",
-            "Send attempts, by upstream and outcome",
-            ["upstream", "outcome"],
-            registry=r,
-        )
-        acks = Counter(
-            "relay_acks_total", "ACK/NACK messages received, by outcome", ["outcome"], registry=r
+        acks = self.tally(
+            "relay_acks_total", "ACK/NACK messages received, by outcome", ("outcome",)
         )
         self.acks = {outcome: acks.labels(outcome) for outcome in ACK_OUTCOMES}
-        self.retries = Counter("relay_retries_total", "Resends scheduled by the UMH", registry=r)
-        dead = Counter(
-            "relay_dead_letters_total", "Messages dead-lettered, by reason", ["reason"], registry=r
+        self.retries = self.tally("relay_retries_total", "Resends scheduled by the UMH").labels()
+        dead = self.tally(
+            "relay_dead_letters_total", "Messages dead-lettered, by reason", ("reason",)
         )
         self.dead_letters = {reason: dead.labels(reason) for reason in DEAD_REASONS}
-        self.superseded = Counter(
-            "relay_superseded_total", "Pending messages superseded by a newer report", registry=r
+        self.superseded = self.tally(
+            "relay_superseded_total", "Pending messages superseded by a newer report"
+        ).labels()
+        self.evictions = self.tally(
+            "relay_resource_evictions_total", "Resources evicted, by cause", ("cause",)
         )
-        self.evictions = Counter(
-            "relay_resource_evictions_total", "Resources evicted, by cause", ["cause"], registry=r
-        )
-        self.events_published = Counter(
-            "relay_events_published_total", "Events published to the event log", registry=r
-        )
+        self.events_published = self.tally(
+            "relay_events_published_total", "Events published to the event log"
+        ).labels()
         self.request_seconds = Histogram(
             "relay_http_request_duration_seconds",
             "HTTP request latency by route",
@@ -83,6 +82,12 @@ class RelayMetrics:
             registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
         )
+
+    def tally(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> TallyFamily:
+        """Register a counter family backed by plain ints (see the module docstring)."""
+        family = TallyFamily(name, doc, labels)
+        self.registry.register(family)
+        return family
 
     def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         """Register a gauge whose value is read from the relay's state at scrape time."""
@@ -131,6 +136,48 @@ class RelayMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+@attrs.define(eq=False)
+class Tally:
+    """One counter value. ``inc`` never blocks; only the owning Trio thread may call it."""
+
+    value: float = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+@attrs.define(eq=False)
+class TallyFamily(Collector):
+    """A labelled family of :class:`Tally` counters, collected as a Prometheus counter.
+
+    Label values come from the relay's own fixed sets and its upstream list, never from
+    caller input, so the family stays small.
+    """
+
+    name: str
+    doc: str
+    labelnames: tuple[str, ...]
+    _children: dict[tuple[str, ...], Tally] = attrs.field(factory=dict, init=False)
+
+    def labels(self, *values: str) -> Tally:
+        """The child for these label values (created on first use)."""
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            child = self._children[values] = Tally()
+        return child
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self.name, self.doc, labels=self.labelnames)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, child in self._children.items():
+            family.add_metric(list(values), child.value)
+        return [family]
 
 
 @attrs.define(eq=False)

@@ -49,9 +49,12 @@ class WriteWatchdog:
     writing: dict[tcp_server.TCPServer, float] = attrs.field(factory=dict)
     closed: int = 0
 
-    def sweep(self, now: float) -> int:
-        """Close every connection whose write started ``timeout`` ago or earlier."""
-        stuck = [srv for srv, started in self.writing.items() if now - started >= self.timeout]
+    def sweep(self, now: float, *, older_than: float | None = None) -> int:
+        """Close every connection whose write started ``older_than`` (default: ``timeout``)
+        seconds ago or earlier. ``older_than=0`` cuts every write in progress (used when
+        the server is being cancelled anyway). Never blocks."""
+        limit = self.timeout if older_than is None else older_than
+        stuck = [srv for srv, started in self.writing.items() if now - started >= limit]
         for srv in stuck:
             del self.writing[srv]
             socket = getattr(srv.stream, "socket", None)
@@ -168,48 +171,55 @@ class RelayServer:
         relay = self.relay
         app = create_app(relay)
         http_stopped = trio.Event()
-        async with trio.open_nursery() as root:
-            if install_signal_handlers:
-                root.start_soon(self._watch_signals, root.cancel_scope)
-            watchdog = self.watchdog
-            root.start_soon(watchdog.run)
-            await root.start(relay.run)
-            http_done = trio.Event()
+        # The write watchdog outlives the root scope: when the root is cancelled, a write
+        # hypercorn shields may still be blocked on a peer that never reads, and only the
+        # watchdog can cut it.
+        watchdog = self.watchdog
+        async with trio.open_nursery() as outer:
+            outer.start_soon(watchdog.run)
+            async with trio.open_nursery() as root:
+                if install_signal_handlers:
+                    root.start_soon(self._watch_signals, root.cancel_scope)
+                await root.start(relay.run)
+                http_done = trio.Event()
 
-            async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
-                try:
-                    await hypercorn.trio.serve(
-                        app,
-                        hypercorn_config(self.config, watchdog),
-                        shutdown_trigger=http_stopped.wait,
-                        task_status=task_status,
-                    )
-                finally:
-                    http_done.set()
+                async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                    try:
+                        await hypercorn.trio.serve(
+                            app,
+                            hypercorn_config(self.config, watchdog),
+                            shutdown_trigger=http_stopped.wait,
+                            task_status=task_status,
+                        )
+                    finally:
+                        http_done.set()
 
-            binds: list[str] = await root.start(serve_http)
-            self.urls = list(binds)
-            if self.receiver is not None:
-                await root.start(self.receiver.run)
-            # Seed: with many long-lived connections, full GC passes over start-up objects
-            # stall the server; freeze what exists now so they are never rescanned.
-            gc.collect()
-            gc.freeze()
-            task_status.started(self.urls)
-            await relay.shutdown_requested.wait()
-            self.exit_reason = relay.shutdown_reason
-            # Seed 002: the drain gets most of the budget; stopping HTTP gets the rest.
-            with trio.move_on_after(self.config.drain_budget) as budget:
+                binds: list[str] = await root.start(serve_http)
+                self.urls = list(binds)
                 if self.receiver is not None:
-                    self.receiver.stop_accepting()
-                await relay.drain(self.receiver)
-            if budget.cancelled_caught:
-                log.warning("shutdown drain budget exhausted; reporting what is left")
-            relay.finish_shutdown()
-            http_stopped.set()
-            with trio.move_on_after(self.config.shutdown_timeout - self.config.drain_budget):
-                await http_done.wait()
-            root.cancel_scope.cancel()
+                    await root.start(self.receiver.run)
+                # Seed: with many long-lived connections, full GC passes over start-up objects
+                # stall the server; freeze what exists now so they are never rescanned.
+                gc.collect()
+                gc.freeze()
+                task_status.started(self.urls)
+                await relay.shutdown_requested.wait()
+                self.exit_reason = relay.shutdown_reason
+                # Seed 002: the drain gets most of the budget; stopping HTTP gets the rest.
+                with trio.move_on_after(self.config.drain_budget) as budget:
+                    if self.receiver is not None:
+                        self.receiver.stop_accepting()
+                    await relay.drain(self.receiver)
+                if budget.cancelled_caught:
+                    log.warning("shutdown drain budget exhausted; reporting what is left")
+                relay.finish_shutdown()
+                http_stopped.set()
+                with trio.move_on_after(self.config.shutdown_timeout - self.config.drain_budget):
+                    await http_done.wait()
+                # Whatever is still writing now would only delay the cancellation.
+                watchdog.sweep(trio.current_time(), older_than=0)
+                root.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
 
     async def _watch_signals(self, root: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

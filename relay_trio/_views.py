@@ -7,6 +7,7 @@ response are consistent.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -17,8 +18,18 @@ WallOf = Callable[[float | None], str | None]
 
 
 def rfc3339(ts: float) -> str:
-    """``ts`` (Unix seconds) as an RFC 3339 UTC timestamp with milliseconds."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """``ts`` (Unix seconds) as an RFC 3339 UTC timestamp with milliseconds.
+
+    Every event gets one, so the date part is formatted once per second (cached) and
+    only the milliseconds per call.
+    """
+    seconds, micros = divmod(round(ts * 1_000_000), 1_000_000)
+    return f"{_second_prefix(seconds)}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8)
+def _second_prefix(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def wall_converter(trio_now: float, wall_now: float) -> WallOf:
