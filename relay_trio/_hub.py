@@ -12,6 +12,14 @@ Every subscriber has its own bounded memory channel and counted buffer. A subscr
 that falls behind is overflowed: it gets a final ``overflow`` event and its stream
 ends; it never grows memory or slows the publisher (seed 004). Dead subscribers are
 pruned at admission, so they never count against the caps.
+
+Under load a subscriber's task may still be writing when the next flush arrives: its
+stream then joins every chunk already queued into one write (bounded by
+``JOIN_LIMIT``), so a lagging subscriber catches up with one write instead of several
+and the number of writes per second never exceeds what the server can do. Heartbeats
+come from the flusher task too (the subscriber list is kept in last-write order), so
+the per-write path has no cancel scope: a deadline per receive cost ~15 us, more than
+10% of an SSE write on this stack.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ HEARTBEAT: Final = b": heartbeat\n\n"
 
 #: Events per replay chunk read from the ring (one write each).
 REPLAY_PAGE: Final = 500
+
+#: A stream stops joining queued chunks into one write once it holds this many bytes.
+JOIN_LIMIT: Final = 1024 * 1024
 
 # Joined SSE frames and how many events they hold.
 _Chunk = tuple[bytes, int]
@@ -77,7 +88,10 @@ class _Subscriber:
     live_after: int
     owner: weakref.ref[Subscription] | None = None
     buffered_events: int = 0
+    # Bytes queued in the channel, heartbeats included (0 = nothing queued).
     buffered_bytes: int = 0
+    # When the stream last finished a write (or subscribed): the heartbeat clock.
+    wrote_at: float = 0.0
     # Newest id handed to this subscriber (replay bound or live).
     last_id: int = 0
     # Frame the stream yields once the channel is drained (overflow or shutdown).
@@ -146,41 +160,51 @@ class Subscription:
     async def stream(self) -> AsyncGenerator[bytes, None]:
         """SSE body bytes: ring replay (after a ``gap`` event if needed), then live chunks.
 
-        Yields a ``: heartbeat`` comment whenever nothing was yielded for
-        ``heartbeat_interval`` seconds. Ends after the ``overflow`` or ``shutdown``
-        event, or when the subscription is closed. Unregisters on exit (including
-        cancellation or ``aclose``). Each ``__anext__`` is a checkpoint while waiting
-        for live data. Raises ``RuntimeError`` if iterated a second time.
+        Every chunk already queued when the stream wakes is joined into one yielded
+        ``bytes`` (up to ``JOIN_LIMIT``, then the rest in the next one). Yields a
+        ``: heartbeat`` comment whenever nothing was written for ``heartbeat_interval``
+        seconds (needs the hub's ``run`` task). Ends after the ``overflow`` or
+        ``shutdown`` event, or when the subscription is closed. Unregisters on exit
+        (including cancellation or ``aclose``). Each ``__anext__`` is a checkpoint while
+        waiting for live data. Raises ``RuntimeError`` if iterated a second time.
         """
         if self._streamed:
             raise RuntimeError("Subscription.stream() may be iterated only once")
         self._streamed = True
         hub = self._hub
         state = self._state
+        receive = self._receive
         try:
-            last_write = trio.current_time()
             if self._resume_after is not None:
                 for chunk in self._replay(self._resume_after):
                     if chunk:
                         yield chunk
-                        last_write = trio.current_time()
+                        hub._wrote(state)
                     else:
                         await trio.lowlevel.checkpoint()
             while True:
-                item: _Chunk | None = None
                 try:
-                    with trio.move_on_at(last_write + hub.heartbeat_interval):
-                        item = await self._receive.receive()
+                    data, n = await receive.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     break
-                if item is None:
-                    yield HEARTBEAT
-                else:
-                    data, n = item
-                    state.buffered_events -= n
-                    state.buffered_bytes -= len(data)
-                    yield data
-                last_write = trio.current_time()
+                # Whatever else is queued goes out in the same write: a subscriber that
+                # fell behind by k flushes catches up with one write, not k.
+                if state.buffered_bytes > len(data):
+                    parts = [data]
+                    size = len(data)
+                    while size < JOIN_LIMIT:
+                        try:
+                            more, k = receive.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                            break
+                        parts.append(more)
+                        size += len(more)
+                        n += k
+                    data = b"".join(parts)
+                state.buffered_events -= n
+                state.buffered_bytes -= len(data)
+                yield data
+                hub._wrote(state)
             if state.end is not None:
                 yield state.end
         finally:
@@ -241,6 +265,8 @@ class EventHub:
     chunks: int = attrs.field(init=False, default=0)
     flushes: int = attrs.field(init=False, default=0)
 
+    # Ordered by wrote_at (a write moves its subscriber to the end): the first entry
+    # is always the next one due a heartbeat.
     _subs: dict[_Subscriber, None] = attrs.field(init=False, factory=dict)
     _topic_counts: dict[str, int] = attrs.field(
         init=False, factory=lambda: dict.fromkeys(TOPICS, 0)
@@ -248,6 +274,7 @@ class EventHub:
     _pending: list[Event] = attrs.field(init=False, factory=list)
     _wake: trio.Event = attrs.field(init=False, factory=trio.Event)
     _full: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _joined: trio.Event = attrs.field(init=False, factory=trio.Event)
     _closed: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
@@ -292,19 +319,79 @@ class EventHub:
         return event
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The flusher task: leading-edge throttled delivery. Returns after :meth:`close`."""
-        task_status.started()
+        """The hub's tasks: leading-edge throttled delivery and heartbeats.
+
+        Returns after :meth:`close`. Without it running, subscribers get no live events
+        (beyond the inline flush that bounds the pending batch) and no heartbeats.
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeats)
+            task_status.started()
+            while not self._closed:
+                if not self._pending:
+                    await self._wake.wait()
+                    continue
+                # Straight from the throttle into the flush, without another checkpoint:
+                # under load every extra wake-up of this task waits a whole scheduler
+                # batch (all subscriber tasks), which is what sets the flush rate.
+                self._wake = trio.Event()
+                self._full = trio.Event()
+                self._flush()
+                # The throttle: a lone event was delivered at once above; whatever
+                # arrives now waits at most coalesce_interval (less if the batch fills).
+                with trio.move_on_after(self.coalesce_interval):
+                    await self._full.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _heartbeats(self) -> None:
+        # One timer for all subscribers: sleep until the least recently written one is
+        # due, queue a heartbeat for each due one, repeat.
+        interval = self.heartbeat_interval
         while not self._closed:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            self._full = trio.Event()
-            self._flush()
-            if self._closed:
-                break
-            # The throttle: a lone event was delivered immediately above; whatever
-            # arrives now waits at most coalesce_interval (less if the batch fills).
-            with trio.move_on_after(self.coalesce_interval):
-                await self._full.wait()
+            first = next(iter(self._subs), None)
+            if first is None:
+                await self._joined.wait()
+                self._joined = trio.Event()
+                continue
+            due = first.wrote_at + interval
+            if trio.current_time() < due:
+                await trio.sleep_until(due)
+                continue
+            now = trio.current_time()
+            due_subs: list[_Subscriber] = []
+            for sub in self._subs:
+                if sub.wrote_at + interval > now:
+                    break
+                due_subs.append(sub)
+            for sub in due_subs:
+                self._heartbeat(sub, now)
+
+    def _heartbeat(self, sub: _Subscriber, now: float) -> None:
+        # Only an idle subscriber needs one: queued data will be written soon anyway,
+        # and a stream that is stuck keeps at most this one heartbeat queued.
+        if sub.buffered_bytes == 0:
+            try:
+                sub.send.send_nowait((HEARTBEAT, 0))
+            except trio.WouldBlock:  # pragma: no cover - buffered_bytes == 0 means empty
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._unregister(sub)
+                return
+            else:
+                sub.buffered_bytes += len(HEARTBEAT)
+        sub.wrote_at = now
+        self._to_end(sub)
+
+    def _wrote(self, sub: _Subscriber) -> None:
+        # Called by the stream after each write: restarts the subscriber's heartbeat clock.
+        sub.wrote_at = trio.current_time()
+        self._to_end(sub)
+
+    def _to_end(self, sub: _Subscriber) -> None:
+        subs = self._subs
+        if sub in subs:
+            del subs[sub]
+            subs[sub] = None
 
     def _flush(self) -> None:
         batch = self._pending
@@ -392,11 +479,14 @@ class EventHub:
                 raise SubscriberLimit("topic", cap, self.retry_after, topic)
         live_after = self.ring.last_id
         send, receive = trio.open_memory_channel[_Chunk](self.subscriber_buffer)
-        state = _Subscriber(filt, send, live_after, last_id=live_after)
+        state = _Subscriber(
+            filt, send, live_after, last_id=live_after, wrote_at=trio.current_time()
+        )
         resume = last_event_id if last_event_id is not None and last_event_id < live_after else None
         sub = Subscription(self, state, receive, resume, live_after)
         state.owner = weakref.ref(sub)
         self._subs[state] = None
+        self._joined.set()
         for topic in TOPICS if filt is None else filt:
             self._topic_counts[topic] += 1
         return sub
@@ -443,4 +533,5 @@ class EventHub:
             self._unregister(sub)
         self._wake.set()
         self._full.set()
+        self._joined.set()
         return event
