@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from relay_trio._events import EventRing
-from relay_trio._hub import HEARTBEAT, REPLAY_PAGE, EventHub, SubscriberLimit
+from relay_trio._hub import HEARTBEAT, JOIN_LIMIT, REPLAY_PAGE, EventHub, SubscriberLimit
 
 AT = "2026-01-01T00:00:00Z"
 
@@ -369,3 +369,103 @@ async def test_stream_can_be_iterated_once() -> None:
         assert [c async for c in stream] == []
     with pytest.raises(RuntimeError):
         await anext(sub.stream())
+
+
+async def test_lagging_subscriber_gets_one_joined_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub(coalesce_interval=0.025)
+    async with running(hub), hub.subscribe() as sub, aclosing(sub.stream()) as stream:
+        # Three flushes (leading edge at 0, then 0.025 and 0.05) while the reader is busy.
+        hub.publish("reports", {}, AT)
+        await trio.sleep(0.01)
+        hub.publish("reports", {}, AT)
+        await trio.sleep(0.02)
+        hub.publish("reports", {}, AT)
+        await trio.sleep(1)
+        assert hub.chunks == 3
+        chunk = await anext(stream)
+        assert ids([chunk]) == [1, 2, 3]
+        assert trio.current_time() == 1.03
+        assert sub._state.buffered_events == 0 and sub._state.buffered_bytes == 0
+        hub.publish("reports", {}, AT)
+        assert ids([await anext(stream)]) == [4]
+        assert trio.current_time() == 1.03
+
+
+async def test_join_is_bounded_by_join_limit(autojump_clock: trio.testing.MockClock) -> None:
+    hub = EventHub(coalesce_interval=0.025)
+    async with running(hub), hub.subscribe() as sub, aclosing(sub.stream()) as stream:
+        sizes = []
+        for i in range(15):
+            sizes.append(len(hub.publish("reports", {"pad": "x" * 100_000, "i": i}, AT).sse))
+            await trio.sleep(0.1)  # one flush (one chunk) per event
+        assert hub.chunks == 15
+        first = await anext(stream)
+        # Joining stops at the first chunk that takes the write to JOIN_LIMIT or beyond.
+        k = next(i for i in range(1, 16) if sum(sizes[:i]) >= JOIN_LIMIT)
+        assert k < 15
+        assert ids([first]) == list(range(1, k + 1))
+        assert ids([await anext(stream)]) == list(range(k + 1, 16))
+
+
+async def test_lone_event_reaches_many_subscribers_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub(coalesce_interval=0.1)
+    got: dict[int, float] = {}
+    async with running(hub) as nursery:
+        subs = [hub.subscribe() for _ in range(200)]
+
+        async def read(i: int) -> None:
+            async with aclosing(subs[i].stream()) as stream:
+                async for chunk in stream:
+                    if chunk != HEARTBEAT:
+                        got[i] = trio.current_time()
+                        return
+
+        for i in range(len(subs)):
+            nursery.start_soon(read, i)
+        await trio.sleep(3)
+        hub.publish("system", {}, AT)
+        await trio.sleep(1)
+        assert got == dict.fromkeys(range(200), 3.0)
+        assert hub.flushes == 1
+
+
+async def test_heartbeats_are_per_subscriber_and_skip_busy_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub(heartbeat_interval=10)
+    beats: dict[str, list[float]] = {"a": [], "b": []}
+    async with running(hub) as nursery:
+        a = hub.subscribe()
+        await trio.sleep(4)
+        b = hub.subscribe()
+
+        async def read(name: str, sub: Any) -> None:
+            async with aclosing(sub.stream()) as stream:
+                async for chunk in stream:
+                    if chunk == HEARTBEAT:
+                        beats[name].append(trio.current_time())
+
+        nursery.start_soon(read, "a", a)
+        nursery.start_soon(read, "b", b)
+        await trio.sleep(8)  # t=12: a beat at 10, b (subscribed at 4) is due at 14...
+        assert beats == {"a": [10], "b": []}
+        hub.publish("reports", {}, AT)  # ...but this write restarts both clocks
+        await trio.sleep(23)  # t=35
+        assert beats == {"a": [10, 22, 32], "b": [22, 32]}
+        # A subscriber that never reads keeps at most one heartbeat queued...
+        stuck = hub.subscribe()
+        await trio.sleep(100)
+        assert stuck._state.buffered_bytes == len(HEARTBEAT)
+        assert stuck._receive.statistics().current_buffer_used == 1
+        # ...and none while data is queued for it.
+        hub.publish("acks", {}, AT)
+        await trio.sleep(50)
+        assert stuck._receive.statistics().current_buffer_used == 2
+        async with aclosing(stuck.stream()) as stream:
+            chunk = await anext(stream)
+        assert chunk.startswith(HEARTBEAT) and ids([chunk[len(HEARTBEAT) :]]) == [2]
+        nursery.cancel_scope.cancel()
