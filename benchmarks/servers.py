@@ -83,56 +83,43 @@ def _per_event_hub_class() -> type:
     return PerEventHub
 
 
-def _patch_drain_and_join() -> None:
-    """Diagnostic A/B: ``Subscription.stream`` that joins every chunk already queued for
-    the subscriber into one write (at most one write per subscriber per scheduler round)."""
-    from relay_trio import _hub
+def _patch_fast_send() -> None:
+    """Diagnostic A/B: socket writes that first try one non-blocking ``os.write``.
 
-    async def stream(self: Any) -> Any:
-        if self._streamed:
-            raise RuntimeError("Subscription.stream() may be iterated only once")
-        self._streamed = True
-        hub = self._hub
-        state = self._state
-        try:
-            last_write = trio.current_time()
-            if self._resume_after is not None:
-                for chunk in self._replay(self._resume_after):
-                    if chunk:
-                        yield chunk
-                        last_write = trio.current_time()
-                    else:
-                        await trio.lowlevel.checkpoint()
-            while True:
-                item = None
+    Hypercorn's trio ``protocol_send`` costs two scheduler round trips per write (the
+    send lock's checkpoint and ``send_all``'s cancel-shielded checkpoint) plus a shielded
+    cancel scope; an SSE chunk almost always fits the socket buffer, so a direct write
+    that succeeds needs none of that. Partial or refused writes fall back to the normal
+    (watchdog-timed) path with the rest. Only plain TCP streams; TLS keeps the slow path.
+    """
+    import os
+
+    from hypercorn.events import Closed, RawData
+    from hypercorn.trio import tcp_server
+
+    import relay_trio._server as server_module
+
+    server_module.install_write_watchdog()
+    slow = tcp_server.TCPServer.protocol_send
+
+    async def protocol_send(self: Any, event: Any) -> None:
+        if isinstance(event, RawData) and not self.send_lock.locked():
+            sock = getattr(self.stream, "socket", None)
+            data = event.data
+            if sock is not None and data:
                 try:
-                    with trio.move_on_at(last_write + hub.heartbeat_interval):
-                        item = await self._receive.receive()
-                except (trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-                if item is None:
-                    yield _hub.HEARTBEAT
-                else:
-                    parts = [item[0]]
-                    n = item[1]
-                    while True:
-                        try:
-                            more = self._receive.receive_nowait()
-                        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                            break
-                        parts.append(more[0])
-                        n += more[1]
-                    data = b"".join(parts) if len(parts) > 1 else parts[0]
-                    state.buffered_events -= n
-                    state.buffered_bytes -= len(data)
-                    yield data
-                last_write = trio.current_time()
-            if state.end is not None:
-                yield state.end
-        finally:
-            self.close()
+                    sent = os.write(sock.fileno(), data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    await self.protocol.handle(Closed())
+                    return
+                if sent == len(data):
+                    return
+                event = RawData(data=data[sent:])
+        await slow(self, event)
 
-    _hub.Subscription.stream = stream  # type: ignore[method-assign]
+    tcp_server.TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
 
 
 async def _sse_publisher(
@@ -227,13 +214,8 @@ def run_relay(args: dict[str, Any]) -> None:
                 {"message_id": f"{rid}:1", "resource_id": rid, "kind": "scan"},
                 "2026-01-01T00:00:00.000Z",
             )
-    if args.get("drain_patch"):
-        _patch_drain_and_join()
-    if args.get("no_write_deadline"):
-        # Diagnostic A/B only: hypercorn's own protocol_send, without the per-write deadline.
-        import relay_trio._server as server_module
-
-        server_module.install_write_deadline = lambda: None
+    if args.get("fast_send"):
+        _patch_fast_send()
     server = RelayServer(config, relay)
 
     async def main() -> None:
@@ -253,6 +235,10 @@ def run_relay(args: dict[str, Any]) -> None:
                 import gc
 
                 gc.disable()
+            if args.get("gc_threshold"):
+                import gc
+
+                gc.set_threshold(*args["gc_threshold"])
             lag = args.get("lag_monitor")
             if lag:
                 nursery.start_soon(_lag_monitor, float(lag))
