@@ -190,3 +190,41 @@ async def test_invalid_reports_are_422_and_never_touch_state(
             result = relay.admit(bad)
             assert isinstance(result, Problem) and result.status == 422, bad
         assert len(relay.resources) == 0
+
+
+async def test_file_upstream_moves_to_a_thread_after_a_slow_append(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A manual clock (no autojump): worker threads must not make virtual time run away.
+    from relay_trio._sender import SLOW_WRITE_BACKOFF, FileUpstream, Outbound
+
+    up = FileUpstream(f"file://{tmp_path}/sink.jsonl")
+    msg = Outbound("r:1", "r", None, {"x": 1}, 1, 0)
+    await up.send_batch([msg], 5)  # first write opens the file (thread)
+    await up.send_batch([msg], 5)  # small append: on the Trio thread
+    assert up.slow_writes == 0
+    real_write = FileUpstream._write
+
+    def stalled(self: FileUpstream, data: bytes) -> None:
+        mock_clock.jump(0.5)  # the disk stalls for half a second
+        real_write(self, data)
+
+    monkeypatch.setattr(FileUpstream, "_write", stalled)
+    await up.send_batch([msg], 5)
+    assert up.slow_writes == 1
+    monkeypatch.setattr(FileUpstream, "_write", real_write)
+    threaded: list[bool] = []
+    original_run_sync = trio.to_thread.run_sync
+
+    async def spy(fn: Any, *args: Any, **kw: Any) -> Any:
+        threaded.append(True)
+        return await original_run_sync(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", spy)
+    await up.send_batch([msg], 5)
+    assert threaded == [True]  # the next write went to the worker thread
+    mock_clock.jump(SLOW_WRITE_BACKOFF)
+    await up.send_batch([msg], 5)
+    assert threaded == [True]  # after the backoff, back on the fast path
+    assert len((tmp_path / "sink.jsonl").read_bytes().splitlines()) == 5
+    await up.aclose()
