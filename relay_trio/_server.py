@@ -202,6 +202,11 @@ class RelayServer:
                 # stall the server; freeze what exists now so they are never rescanned.
                 gc.collect()
                 gc.freeze()
+                # Measured (SSE, 1000 subscribers x 100 events/s, 2 cores): with the default
+                # (700, 10, 10) the collector ran ~2000 times in 9 s and stalled the loop
+                # 2.8 s in total (max 151 ms). A 50k young generation and rare older passes
+                # (a full one about hourly at that load) cut it to ~80 ms; p99 ~470 -> ~290 ms.
+                gc.set_threshold(50_000, 20, 100)
                 task_status.started(self.urls)
                 await relay.shutdown_requested.wait()
                 self.exit_reason = relay.shutdown_reason
