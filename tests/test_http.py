@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import orjson
@@ -14,7 +15,7 @@ PROBLEM = "application/problem+json"
 
 async def test_post_admits_then_rate_limits_and_reaches_jsonl_sink(tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    async with running_server(config) as (_, client):
+    async with running_server(config) as (server, client):
         first = await client.post(
             "/v1/reports", json={"resource_id": "vm-1", "payload": {"os": "linux"}}
         )
@@ -25,12 +26,16 @@ async def test_post_admits_then_rate_limits_and_reaches_jsonl_sink(tmp_path: Pat
         )
         assert second.status_code == 429
         assert second.headers["content-type"] == PROBLEM
-        assert second.headers["retry-after"] == "60"
-        assert second.json()["reason"] == "rate_limited"
+        problem = second.json()
+        assert problem["reason"] == "rate_limited"
+        # One report per minute: the wait is a minute minus the time between the POSTs.
+        assert 50 < problem["retry_after"] <= 60
+        assert second.headers["retry-after"] == str(math.ceil(problem["retry_after"]))
         sink = Path(config.data_dir) / "upstream.jsonl"
         await eventually(lambda: sink.exists() and bool(sink.read_bytes()))
         line = orjson.loads(sink.read_bytes().splitlines()[0])
         assert line["message_id"] == "vm-1:1" and line["payload"] == {"os": "linux"}
+        await eventually(lambda: server.relay.umh.pending_count() == 0)
         state = (await client.get("/v1/resources/vm-1")).json()
         assert state["seq"] == 1 and state["rejected"] == 1 and state["last_acked_at"] is not None
         missing = await client.get("/v1/resources/nope")
