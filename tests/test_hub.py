@@ -469,3 +469,42 @@ async def test_heartbeats_are_per_subscriber_and_skip_busy_ones(
             chunk = await anext(stream)
         assert chunk.startswith(HEARTBEAT) and ids([chunk[len(HEARTBEAT) :]]) == [2]
         nursery.cancel_scope.cancel()
+
+
+async def test_flush_window_widens_with_the_writes_a_flush_caused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 100 subscribers at 1000 writes/s: after a flush to all of them the next waits 0.1 s.
+    hub = EventHub(coalesce_interval=0.025, write_budget=1000)
+    seen: dict[int, list[tuple[float, list[int]]]] = {i: [] for i in range(100)}
+    async with running(hub) as nursery:
+        subs = [hub.subscribe() for _ in range(100)]
+
+        async def read(i: int) -> None:
+            async with aclosing(subs[i].stream()) as stream:
+                async for chunk in stream:
+                    seen[i].append((trio.current_time(), ids([chunk])))
+
+        for i in range(100):
+            nursery.start_soon(read, i)
+        await trio.sleep(1)
+        hub.publish("reports", {}, AT)  # quiet hub: out at once
+        await trio.sleep(0.01)
+        hub.publish("reports", {}, AT)  # waits for the 0.1 s window
+        await trio.sleep(0.2)
+        assert hub.flush_window() == 0.1
+        expected = [(1.0, [1]), (1.1, [2])]
+        assert all(got == expected for got in seen.values())
+        # With 10 subscribers the floor (coalesce_interval) applies again.
+        for sub in subs[10:]:
+            sub.close()
+        hub.publish("reports", {}, AT)  # t=1.21: quiet again, out at once
+        hub.publish("reports", {}, AT)
+        await trio.sleep(0.001)
+        hub.publish("reports", {}, AT)
+        await trio.sleep(0.1)
+        assert hub.last_flush_writes == 10 and hub.flush_window() == 0.025
+        # (Virtual times summed from floats: compare to the nanosecond.)
+        assert [got for _, got in seen[0][2:]] == [[3, 4], [5]]
+        assert [t for t, _ in seen[0][2:]] == pytest.approx([1.21, 1.235], abs=1e-9)
+        nursery.cancel_scope.cancel()
