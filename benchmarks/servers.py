@@ -216,6 +216,8 @@ def run_relay(args: dict[str, Any]) -> None:
             )
     if args.get("fast_send"):
         _patch_fast_send()
+    if args.get("write_budget"):
+        relay.hub.write_budget = float(args["write_budget"])
     server = RelayServer(config, relay)
 
     async def main() -> None:
@@ -245,12 +247,15 @@ def run_relay(args: dict[str, Any]) -> None:
             spec = args.get("sse")
             if spec:
 
+                pauses = _gc_pauses()
+
                 def stats() -> dict[str, Any]:
                     hub = relay.hub
                     return {
                         "overflowed": hub.overflowed,
                         "flushes": hub.flushes,
                         "chunks": hub.chunks,
+                        **pauses(),
                     }
 
                 result = await _sse_publisher(
@@ -262,6 +267,34 @@ def run_relay(args: dict[str, Any]) -> None:
                 emit("RESULT", result)
 
     _profiled(args, lambda: trio.run(main))
+
+
+def _gc_pauses() -> Any:
+    """Start timing the garbage collector; the returned function summarises so far."""
+    import gc
+
+    started: list[float] = []
+    by_gen: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            by_gen[info["generation"]].append(time.perf_counter() - started[0])
+
+    gc.callbacks.append(callback)
+
+    def summary() -> dict[str, Any]:
+        gc.callbacks.remove(callback)
+        every = [t for ts in by_gen.values() for t in ts]
+        return {
+            "gc_collections": [len(by_gen[g]) for g in (0, 1, 2)],
+            "gc_pause_total_ms": round(sum(every) * 1000, 1),
+            "gc_pause_max_ms": round(max(every, default=0.0) * 1000, 1),
+            "gc_threshold": list(gc.get_threshold()),
+        }
+
+    return summary
 
 
 async def _lag_monitor(duration: float) -> None:
