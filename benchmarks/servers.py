@@ -201,7 +201,12 @@ def run_relay(args: dict[str, Any]) -> None:
             subscriber_buffer=old.subscriber_buffer,
             heartbeat_interval=old.heartbeat_interval,
             coalesce_interval=0.0,
+            write_budget=float("inf"),
         )
+        # ...and streams that write each queued chunk separately (no joining).
+        import relay_trio._hub
+
+        relay_trio._hub.JOIN_LIMIT = 0  # type: ignore[misc]
     fill = int(args.get("fill_bytes", 0))
     if fill:
         ring: EventRing = relay.hub.ring
@@ -246,7 +251,6 @@ def run_relay(args: dict[str, Any]) -> None:
                 nursery.start_soon(_lag_monitor, float(lag))
             spec = args.get("sse")
             if spec:
-
                 pauses = _gc_pauses()
 
                 def stats() -> dict[str, Any]:
