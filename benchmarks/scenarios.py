@@ -283,19 +283,6 @@ def fanout(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
         ),
         ("sse-starlette on uvicorn", "sse_starlette", {}, "/v1/events/stream"),
     ]
-    if not quick:
-        # A/B for a proposed _server.py change (see docs/benchmarks.md): a socket write
-        # first tries one non-blocking os.write, skipping hypercorn's send lock, shielded
-        # scope and two scheduler round trips when the chunk fits the socket buffer.
-        runs.insert(
-            1,
-            (
-                "relay-trio + direct socket write (proposed)",
-                "relay",
-                {"config": relay_config, "fast_send": True},
-                "/v1/events/stream?topic=system",
-            ),
-        )
     for name, kind, extra, path in runs:
         with server(kind, sse=spec, **extra) as (srv, info):
             got = client(

@@ -83,45 +83,6 @@ def _per_event_hub_class() -> type:
     return PerEventHub
 
 
-def _patch_fast_send() -> None:
-    """Diagnostic A/B: socket writes that first try one non-blocking ``os.write``.
-
-    Hypercorn's trio ``protocol_send`` costs two scheduler round trips per write (the
-    send lock's checkpoint and ``send_all``'s cancel-shielded checkpoint) plus a shielded
-    cancel scope; an SSE chunk almost always fits the socket buffer, so a direct write
-    that succeeds needs none of that. Partial or refused writes fall back to the normal
-    (watchdog-timed) path with the rest. Only plain TCP streams; TLS keeps the slow path.
-    """
-    import os
-
-    from hypercorn.events import Closed, RawData
-    from hypercorn.trio import tcp_server
-
-    import relay_trio._server as server_module
-
-    server_module.install_write_watchdog()
-    slow = tcp_server.TCPServer.protocol_send
-
-    async def protocol_send(self: Any, event: Any) -> None:
-        if isinstance(event, RawData) and not self.send_lock.locked():
-            sock = getattr(self.stream, "socket", None)
-            data = event.data
-            if sock is not None and data:
-                try:
-                    sent = os.write(sock.fileno(), data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    await self.protocol.handle(Closed())
-                    return
-                if sent == len(data):
-                    return
-                event = RawData(data=data[sent:])
-        await slow(self, event)
-
-    tcp_server.TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
-
-
 async def _sse_publisher(
     publish: Any,
     count_subscribers: Any,
@@ -219,8 +180,6 @@ def run_relay(args: dict[str, Any]) -> None:
                 {"message_id": f"{rid}:1", "resource_id": rid, "kind": "scan"},
                 "2026-01-01T00:00:00.000Z",
             )
-    if args.get("fast_send"):
-        _patch_fast_send()
     if args.get("write_budget"):
         relay.hub.write_budget = float(args["write_budget"])
     server = RelayServer(config, relay)

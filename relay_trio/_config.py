@@ -83,6 +83,10 @@ class RelayConfig:
     max_subscribers_per_topic: int | None = _opt(
         None, "Cap on SSE subscribers per topic. Default: max_subscribers.", "optint"
     )
+    sse_write_budget: float = _opt(
+        8000.0,
+        "SSE socket writes per second the hub plans for; with many subscribers it flushes less often.",
+    )
     coalesce_interval: float = _opt(0.025, "Minimum seconds between SSE fan-out writes under load.")
     write_timeout: float = _opt(
         10.0, "Deadline for one HTTP response/SSE write; a peer that stops reading is dropped."
@@ -323,6 +327,7 @@ def validate(config: RelayConfig) -> None:
     ):
         _require(getattr(c, name) > 0, name, "must be > 0")
     _require(c.coalesce_interval >= 0, "coalesce_interval", "must be >= 0")
+    _require(c.sse_write_budget > 0, "sse_write_budget", "must be > 0")
     _require(c.effective_eviction_interval > 0, "eviction_interval", "must be > 0")
     _require(c.retry_cap >= c.retry_base, "retry_cap", "must be >= retry_base")
     for name in (

