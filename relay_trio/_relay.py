@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -26,7 +26,7 @@ from . import __version__
 from ._config import RelayConfig
 from ._events import TOPICS, EventRing
 from ._hub import EventHub
-from ._metrics import RelayMetrics
+from ._metrics import RelayMetrics, Tally
 from ._model import RESOURCE_ID_RE, Accepted, Problem, validate_report
 from ._ratelimit import LeakyBucket
 from ._resources import ResourceState, ResourceTable
@@ -34,7 +34,7 @@ from ._scheduler import DeadlineScheduler
 from ._sender import Outbound, SenderPool, SendResult, SendStatus, Upstream, open_upstream
 from ._sidequeue import SideQueue, build_sinks
 from ._spool import DeadLetterSpool
-from ._umh import AckOutcome, DeadLetter, Due, Outcome, RetryPolicy, UnconfirmedMessages
+from ._umh import AckOutcome, DeadLetter, Due, RetryPolicy, UnconfirmedMessages
 from ._upstreams import HealthPolicy, UpstreamRouter
 from ._views import dead_letter_view, pending_view, rfc3339, wall_converter
 
@@ -93,6 +93,7 @@ class Relay:
     _senders_done: trio.Event = attrs.field(init=False, factory=trio.Event)
     # The payload each kept dead letter carried when it died (bounded like the log).
     _dead_payloads: OrderedDict[str, Any] = attrs.field(init=False, factory=OrderedDict)
+    _send_tallies: dict[tuple[int, SendStatus], Tally] = attrs.field(init=False, factory=dict)
     _settled: trio.Event = attrs.field(init=False, factory=trio.Event)
     _send_tx: trio.MemorySendChannel[Outbound] = attrs.field(init=False)
 
@@ -143,7 +144,7 @@ class Relay:
         self.senders = SenderPool(
             self.upstreams,
             send_rx,
-            self._on_send_result,
+            self._on_send_results,
             send_timeout=c.send_timeout,
             tasks=c.sender_tasks,
         )
@@ -239,23 +240,42 @@ class Relay:
 
     # -- delivery outcomes -----------------------------------------------------------------
 
-    def _on_send_result(self, message: Outbound, result: SendResult) -> None:
+    def _on_send_results(self, batch: Sequence[Outbound], results: Sequence[SendResult]) -> None:
+        """Feed one batch's send outcomes to the router, the UMH and the metrics.
+
+        Called once per batch and upstream (per-report cost matters: this is the delivery
+        hot path). Synchronous; never blocks.
+        """
         now = trio.current_time()
-        url = self.router.urls[message.upstream]
-        self.metrics.sends.labels(url, result.status.value).inc()
-        if result.status is SendStatus.FAILED:
-            if self.router.record_failure(message.upstream, now):
-                log.warning("upstream %s marked down after repeated failures", url)
-                self.publish("system", {"kind": "upstream_down", "upstream": url})
-            outcome = self.umh.send_failed(message.message_id, now, result.detail)
-            self._after_failure(outcome)
-            return
-        if self.router.record_success(message.upstream, now):
-            self.publish("system", {"kind": "upstream_up", "upstream": url})
-        if result.status is SendStatus.ACKED:
-            self.acknowledge(message.message_id, "ack", None, None, synchronous=True)
-        else:
-            self.umh.sent(message.message_id, now)
+        router = self.router
+        tallies = self._send_tallies
+        woke = False
+        for message, result in zip(batch, results, strict=True):
+            index, status = message.upstream, result.status
+            tally = tallies.get((index, status))
+            if tally is None:
+                tally = tallies[index, status] = self.metrics.sends.labels(
+                    router.urls[index], status.value
+                )
+            tally.inc()
+            if status is SendStatus.FAILED:
+                if router.record_failure(index, now):
+                    url = router.urls[index]
+                    log.warning("upstream %s marked down after repeated failures", url)
+                    self.publish("system", {"kind": "upstream_down", "upstream": url})
+                outcome = self.umh.send_failed(message.message_id, now, result.detail)
+                if outcome.dead_letter is not None:
+                    self._on_dead_letter(outcome.dead_letter)
+                woke = True
+                continue
+            if router.record_success(index, now):
+                self.publish("system", {"kind": "upstream_up", "upstream": router.urls[index]})
+            if status is SendStatus.ACKED:
+                self._acknowledged(message.message_id, "ack", None, None, now, synchronous=True)
+            else:
+                self.umh.sent(message.message_id, now)
+                woke = True
+        if woke:
             self.scheduler.wake()
 
     def acknowledge(
@@ -271,7 +291,20 @@ class Relay:
 
         Synchronous; never blocks. An ACK for an older message never clears a newer one.
         """
-        now = trio.current_time()
+        return self._acknowledged(
+            message_id, status, reason, retry_after, trio.current_time(), synchronous=synchronous
+        )
+
+    def _acknowledged(
+        self,
+        message_id: str,
+        status: str,
+        reason: str | None,
+        retry_after: float | None,
+        now: float,
+        *,
+        synchronous: bool,
+    ) -> str:
         if status == "ack":
             outcome = self.umh.ack(message_id, now)
         else:
@@ -343,11 +376,6 @@ class Relay:
             else:
                 state.payload_seq = int(item.message_id.rpartition(":")[2])
                 self.metrics.retries.inc()
-
-    def _after_failure(self, outcome: Outcome) -> None:
-        if outcome.dead_letter is not None:
-            self._on_dead_letter(outcome.dead_letter)
-        self.scheduler.wake()
 
     def _on_dead_letter(self, dead: DeadLetter) -> None:
         state = self.resources.get(dead.resource_id)
@@ -611,8 +639,7 @@ class Relay:
 
         async def flush(index: int, batch: list[Outbound]) -> None:
             results = await self.upstreams[index].send_batch(batch, self.config.send_timeout)
-            for message, result in zip(batch, results, strict=True):
-                self._on_send_result(message, result)
+            self._on_send_results(batch, results)
 
         self.publish(
             "system",

@@ -233,7 +233,7 @@ def open_upstream(url: str, *, timeout: float) -> Upstream:
 _ACKED = SendResult(SendStatus.ACKED)
 _TIMED_OUT = SendResult(SendStatus.FAILED, "send_timeout")
 
-OnResult = Callable[[Outbound, SendResult], None]
+OnResults = Callable[[Sequence[Outbound], Sequence[SendResult]], None]
 
 
 @attrs.define(eq=False)
@@ -242,13 +242,13 @@ class SenderPool:
 
     Each task takes what is queued (up to ``batch_max``), groups it by upstream and makes
     one attempt per message under ``send_timeout``. Every message gets exactly one
-    ``on_result`` call, a deadline miss included (reported as ``FAILED``), so nothing
+    result, reported through one ``on_results`` call per batch and upstream, a deadline miss included (reported as ``FAILED``), so nothing
     handed to the pool is lost.
     """
 
     upstreams: Sequence[Upstream]
     receive_channel: trio.MemoryReceiveChannel[Outbound]
-    on_result: OnResult
+    on_results: OnResults
     send_timeout: float
     tasks: int = 8
     batch_max: int = 256
@@ -287,8 +287,7 @@ class SenderPool:
             groups.setdefault(message.upstream, []).append(message)
         for index, group in groups.items():
             results = await self.upstreams[index].send_batch(group, self.send_timeout)
-            for message, result in zip(group, results, strict=True):
-                self.on_result(message, result)
+            self.on_results(group, results)
 
 
 async def aclose_all(closers: Sequence[Callable[[], Awaitable[None]]]) -> None:
