@@ -13,6 +13,7 @@ import attrs
 RESOURCE_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 PROBLEM_BASE: Final = "https://relay-trio.dev/problems/"
 MAX_KIND_LEN: Final = 64
+_REPORT_FIELDS: Final = frozenset({"resource_id", "payload", "kind"})
 
 
 @attrs.frozen
@@ -79,8 +80,8 @@ def validate_report(obj: object) -> Report | Problem:
     """
     if not isinstance(obj, dict):
         return invalid("body must be a JSON object")
-    unknown = set(obj) - {"resource_id", "payload", "kind"}
-    if unknown:
+    if len(obj) > 3 or not _REPORT_FIELDS.issuperset(obj):
+        unknown = set(obj) - _REPORT_FIELDS
         return invalid(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
     rid = obj.get("resource_id")
     if not is_valid_resource_id(rid):

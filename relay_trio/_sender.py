@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import attrs
 import httpx
@@ -21,9 +21,10 @@ import trio
 log = logging.getLogger("relay_trio.sender")
 
 
-@attrs.frozen
-class Outbound:
-    """One send: the message, the payload to deliver and which attempt this is."""
+class Outbound(NamedTuple):
+    """One send: the message, the payload to deliver and which attempt this is.
+
+    A named tuple: one is built per admitted report and per retry."""
 
     message_id: str
     resource_id: str
