@@ -157,16 +157,28 @@ def ingest(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     conns = 32
     wrk = ensure_wrk(log)
     posts: dict[str, Any] = {}
-    for name, kind, extra in [
+    targets = [
         ("relay-trio", "relay", {"config": INGEST_CONFIG}),
         ("quart-trio (bare)", "quart", {}),
         ("starlette+uvicorn (bare)", "starlette", {}),
-    ]:
-        with server(kind, **extra) as (_, info):
-            posts[name] = post_throughput(info["url"], wrk, conns, duration, "r")
-            if "loop" in info:
-                posts[name]["server"] = f"uvicorn loop={info['loop']} http={info['http']}"
-        log(f"  POST {name}: {posts[name]['rps']:.0f} req/s p99 {posts[name]['p99_ms']:.1f} ms")
+    ]
+    # This machine is shared and single runs swing by +-25%: in full mode the relay and
+    # its quart-trio ceiling alternate three times and each keeps its median run.
+    rounds = 1 if quick else 3
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
+    for round_ in range(rounds):
+        for name, kind, extra in targets:
+            if round_ and kind == "starlette":
+                continue
+            with server(kind, **extra) as (_, info):
+                run = post_throughput(info["url"], wrk, conns, duration, "r")
+                if "loop" in info:
+                    run["server"] = f"uvicorn loop={info['loop']} http={info['http']}"
+            samples[name].append(run)
+            log(f"  POST {name}: {run['rps']:.0f} req/s p99 {run['p99_ms']:.1f} ms")
+    for name, runs_of in samples.items():
+        ordered = sorted(runs_of, key=lambda r: r["rps"])
+        posts[name] = {**ordered[len(ordered) // 2], "runs_rps": [r["rps"] for r in runs_of]}
     bulk: dict[str, Any] = {}
     stream_config = {**INGEST_CONFIG, "stream_listen": ["tcp://127.0.0.1:0"]}
     runs: list[tuple[str, str, dict[str, Any]]] = [
