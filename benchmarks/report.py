@@ -264,9 +264,16 @@ fixed in the product and re-measured; before/after figures are from A/B runs on 
   quart + hypercorn + h11 per-request work; the relay's own share (`post_report` ->
   `Relay.admit`, sender and ACK path, latency histogram) is about 15%.
 * **Lock contention.** A 1000-event pull costs the relay little (`EventRing.page` +
-  `render_page` ≈ 10% of pull handling); the rest is hypercorn writing ~140 KB per page to
-  the socket. The naive variant spends its time in the whole-log `list()` copy and the
-  filter over ~130k events, which is what stalls the POSTs.
+  `render_page` ≈ 10% of pull handling, no copy of the log); the rest is one quart +
+  hypercorn request that writes ~140 KB. The naive variant spends its time in the whole-log
+  `list()` copy and the filter over ~130k events, which is what stalls the POSTs (p99 about
+  60x idle). Why the 1.2x target is still missed: one event loop serves everything, so a
+  POST that arrives while any other request is being handled waits for it. A request on
+  this stack costs ~1 ms here (the bare quart-trio app tops out near 1k req/s on this
+  machine), 64 pulls/s keep the loop busy ~6% of the time, so the POST p99 (the 1% tail)
+  includes about one pull: +2-3 ms over an idle p99 of ~2.5 ms, about 2x. Meeting 1.2x
+  would need pulls served outside quart's per-request path or on another core (a second
+  relay process behind the load balancer), not a cheaper ring.
 * **SSE fan-out.** The cost is per socket write. Changes, each A/B-measured: (1) GC: with
   default thresholds the collector stalled the loop 2.8 s per 9 s; raised thresholds after
   `gc.freeze()` cut that to 0.08 s (p99 ~470 -> ~290 ms); (2) a subscriber joins every
