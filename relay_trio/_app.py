@@ -144,6 +144,13 @@ def create_app(relay: Relay) -> QuartTrio:
             response.headers["Connection"] = "close"
         return response
 
+    async def authorized_body(scope: str, limit: int) -> bytes | Problem:
+        """The request body, once the bearer token for ``scope`` checks out (401/403/413)."""
+        denied = auth_problem(scope)
+        if denied is not None:
+            return denied
+        return await read_body(limit)
+
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         status = error.code or 500
@@ -172,12 +179,9 @@ def create_app(relay: Relay) -> QuartTrio:
 
     @app.post("/v1/reports")
     async def post_report() -> Response:
-        denied = auth_problem("ingest")
-        if denied is not None:
-            return refused(denied, "unauthorized")
-        body = await read_body(config.max_body_bytes)
+        body = await authorized_body("ingest", config.max_body_bytes)
         if isinstance(body, Problem):
-            return refused(body, "too_large")
+            return refused(body, "too_large" if body.status == 413 else "unauthorized")
         obj = decode_json(body)
         if isinstance(obj, Problem):
             return refused(obj, "malformed")
@@ -190,10 +194,7 @@ def create_app(relay: Relay) -> QuartTrio:
 
     @app.post("/v1/reports:batch")
     async def post_batch() -> Response:
-        denied = auth_problem("ingest")
-        if denied is not None:
-            return problem_response(denied)
-        body = await read_body(config.batch_max_bytes)
+        body = await authorized_body("ingest", config.batch_max_bytes)
         if isinstance(body, Problem):
             return problem_response(body)
         lines = [line for line in body.split(b"\n") if line.strip()]
@@ -222,10 +223,7 @@ def create_app(relay: Relay) -> QuartTrio:
 
     @app.post("/v1/acks")
     async def post_ack() -> Response:
-        denied = auth_problem("ack")
-        if denied is not None:
-            return problem_response(denied)
-        body = await read_body(config.max_body_bytes)
+        body = await authorized_body("ack", config.max_body_bytes)
         if isinstance(body, Problem):
             return problem_response(body)
         obj = decode_json(body)

@@ -42,6 +42,15 @@ def build_config(config_file: str | None, flags: dict[str, Any]) -> RelayConfig:
         sys.exit(2)
 
 
+config_file_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="TOML config file (also RELAY_TRIO_CONFIG).",
+)
+
+
 @click.group()
 @click.version_option(package_name="relay-trio")
 def main() -> None:
@@ -49,13 +58,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="TOML config file.",
-)
+@config_file_option
 @_config_options
 def run(config_file: str | None, **flags: Any) -> None:
     """Run the relay until SIGTERM/SIGINT (or POST /admin/shutdown)."""
@@ -71,13 +74,7 @@ def run(config_file: str | None, **flags: Any) -> None:
 
 
 @main.command("config")
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="TOML config file.",
-)
+@config_file_option
 @_config_options
 def show_config(config_file: str | None, **flags: Any) -> None:
     """Print the effective configuration (tokens shown as set/unset) as JSON."""

@@ -12,6 +12,7 @@ import httpx
 import trio
 
 from relay_trio._config import RelayConfig, load_config
+from relay_trio._model import Accepted, Problem, validate_report
 from relay_trio._relay import Relay
 from relay_trio._sender import Outbound, SendResult, SendStatus
 from relay_trio._server import RelayServer
@@ -97,3 +98,21 @@ async def running_server(
         async with httpx.AsyncClient(base_url=urls[0], timeout=10) as client:
             yield server, client
         server.relay.request_shutdown("test")
+
+
+@attrs.define(eq=False)
+class FakeAdmitter:
+    """Records every object it is given; every ``limit_every``-th valid report gets a 429."""
+
+    limit_every: int = 0
+    seen: list[object] = attrs.field(factory=list)
+
+    def admit(self, obj: object) -> Accepted | Problem:
+        self.seen.append(obj)
+        report = validate_report(obj)
+        if isinstance(report, Problem):
+            return report
+        n = len(self.seen)
+        if self.limit_every and n % self.limit_every == 0:
+            return Problem(429, "rate-limited", "Too many reports", retry_after=30.0)
+        return Accepted(f"{report.resource_id}:{n}", report.resource_id, n)

@@ -12,29 +12,11 @@ import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from relay_helpers import FakeAdmitter
 
-from relay_trio._model import Accepted, Problem, validate_report
 from relay_trio._receiver import Identity, ReceiverLimits, StreamReceiver, parse_listen
 
 TCP = Identity(listen="tcp://127.0.0.1:0", peer="test")
-
-
-@attrs.define(eq=False)
-class FakeAdmitter:
-    """Records every object it is given; every ``limit_every``-th valid report gets a 429."""
-
-    limit_every: int = 0
-    seen: list[object] = attrs.field(factory=list)
-
-    def admit(self, obj: object) -> Accepted | Problem:
-        self.seen.append(obj)
-        report = validate_report(obj)
-        if isinstance(report, Problem):
-            return report
-        n = len(self.seen)
-        if self.limit_every and n % self.limit_every == 0:
-            return Problem(429, "rate-limited", "Too many reports", retry_after=30.0)
-        return Accepted(f"{report.resource_id}:{n}", report.resource_id, n)
 
 
 def report(rid: str = "vm-1", **extra: Any) -> bytes:
