@@ -383,9 +383,10 @@ def chart(data: dict[str, Any]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     s = data.get("scenarios", {})
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
     ax = axes[0][0]
     ing = s.get("ingest", {})
     if "post" in ing:
@@ -443,6 +444,7 @@ def chart(data: dict[str, Any]) -> None:
             ],
         )
         ax.set_xlabel("decisions/s")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:.0f}k"))
         ax.invert_yaxis()
     ax.set_title("4. Limiter, 100k resources (higher is better)")
     fig.suptitle(
@@ -451,5 +453,5 @@ def chart(data: dict[str, Any]) -> None:
     )
     fig.tight_layout()
     CHART.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(CHART, dpi=90)
+    fig.savefig(CHART, dpi=90, bbox_inches="tight")
     plt.close(fig)
