@@ -81,6 +81,9 @@ def install_write_watchdog() -> None:
     """
     if getattr(tcp_server.TCPServer, "_relay_trio_watchdog", False):
         return
+    if not hasattr(tcp_server.TCPServer, "protocol_send"):
+        log.warning("this hypercorn has no TCPServer.protocol_send: HTTP writes have no deadline")
+        return
     original = tcp_server.TCPServer.protocol_send
 
     async def protocol_send(self: tcp_server.TCPServer, event: Event) -> None:
