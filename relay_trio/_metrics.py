@@ -94,10 +94,6 @@ class RelayMetrics:
         g = Gauge(name, doc, registry=self.registry)
         g.set_function(read)
 
-    def labelled_gauge(self, name: str, doc: str, label: str) -> Gauge:
-        """A gauge with one label, set by the owner (e.g. per-upstream up/down)."""
-        return Gauge(name, doc, [label], registry=self.registry)
-
     def labelled_function(
         self,
         name: str,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -289,13 +289,3 @@ class SenderPool:
         for index, group in groups.items():
             results = await self.upstreams[index].send_batch(group, self.send_timeout)
             self.on_results(group, results)
-
-
-async def aclose_all(closers: Sequence[Callable[[], Awaitable[None]]]) -> None:
-    """Await every closer even if some raise; shielded so cleanup runs during cancellation."""
-    with trio.CancelScope(shield=True), trio.move_on_after(5):
-        for close in closers:
-            try:
-                await close()
-            except Exception:  # cleanup must reach every closer
-                continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 import trio
 import trio.testing
 from relay_helpers import memory_relay
@@ -49,20 +50,18 @@ async def run_drain(tmp_path: Path, mode: str, ups_delay: float) -> tuple[Relay,
     return relay, ids, took
 
 
-async def test_sequential_flush_delivers_pending_one_upstream_at_a_time(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+@pytest.mark.parametrize(
+    ("mode", "expected_took"),
+    [
+        ("sequential", 10),  # two upstreams, one after the other, 5 s each
+        ("parallel", 5),  # both at once
+    ],
+)
+async def test_flush_delivers_pending_per_mode(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, mode: str, expected_took: float
 ) -> None:
-    relay, ids, took = await run_drain(tmp_path, "sequential", ups_delay=5)
-    assert took == 10  # two upstreams, one after the other, 5 s each
-    assert all(relay.umh.state_of(m) is MessageState.ACKED for m in ids)
-    assert system_kinds(relay) == ["started", "draining", "flush", "shutdown"]
-
-
-async def test_parallel_flush_delivers_all_upstreams_at_once(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    relay, ids, took = await run_drain(tmp_path, "parallel", ups_delay=5)
-    assert took == 5
+    relay, ids, took = await run_drain(tmp_path, mode, ups_delay=5)
+    assert took == expected_took
     assert all(relay.umh.state_of(m) is MessageState.ACKED for m in ids)
     assert system_kinds(relay) == ["started", "draining", "flush", "shutdown"]
 
