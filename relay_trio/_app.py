@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from datetime import datetime
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, Final
@@ -20,10 +21,12 @@ from werkzeug.exceptions import HTTPException
 
 from ._events import MAX_PAGE, TOPICS, render_page
 from ._hub import SubscriberLimit
-from ._model import Accepted, Problem, malformed, reply_for, too_large
+from ._model import Accepted, Problem, malformed, parse_message_id, reply_for, too_large
 from ._openapi import openapi_document
 from ._ratelimit import retry_after_header
-from ._relay import Relay, parse_message_id
+from ._redrive import RedriveRequest
+from ._relay import Relay
+from ._store import DeadLetterQuery, StoreError
 from ._statuspage import STATUS_PAGE
 
 log = logging.getLogger("relay_trio.http")
@@ -187,6 +190,11 @@ def create_app(relay: Relay) -> QuartTrio:
             return refused(obj, "malformed")
         result = relay.admit(obj)
         if isinstance(result, Accepted):
+            # A 2xx promises durability: answer only once the store has the report.
+            try:
+                await relay.durable()
+            except StoreError as exc:
+                return problem_response(store_unavailable(exc))
             return Response(
                 orjson.dumps({"message_id": result.message_id}), status=202, content_type=JSON
             )
@@ -208,6 +216,7 @@ def create_app(relay: Relay) -> QuartTrio:
                 )
             )
         out: list[bytes] = []
+        results: list[Accepted | Problem] = []
         for line in lines:
             if len(line) > config.max_body_bytes:
                 result: Accepted | Problem = too_large(config.max_body_bytes)
@@ -217,7 +226,14 @@ def create_app(relay: Relay) -> QuartTrio:
                 if isinstance(obj, Problem):
                     count_refused("malformed")
                 result = obj if isinstance(obj, Problem) else relay.admit(obj)
-            out.append(orjson.dumps(reply_for(result)))
+            results.append(result)
+        if any(isinstance(r, Accepted) for r in results):
+            # One commit for the whole batch; no line says "accepted" before it is stored.
+            try:
+                await relay.durable()
+            except StoreError as exc:
+                return problem_response(store_unavailable(exc))
+        out = [orjson.dumps(reply_for(r)) for r in results]
         out.append(b"")
         return Response(b"\n".join(out), status=200, content_type=NDJSON)
 
@@ -253,13 +269,26 @@ def create_app(relay: Relay) -> QuartTrio:
         denied = auth_problem("read")
         if denied is not None:
             return problem_response(denied)
-        after = int_param("after", 0, 0, 2**62)
-        limit = int_param("limit", 100, 1, MAX_PAGE)
-        if isinstance(after, Problem):
-            return problem_response(after)
-        if isinstance(limit, Problem):
-            return problem_response(limit)
-        return json_response(relay.dead_letter_page(after or 0, limit or 100))
+        query = dead_letter_query(request.args)
+        if isinstance(query, Problem):
+            return problem_response(query)
+        return json_response(await relay.dead_letter_page(query))
+
+    @app.post("/v1/deadletters:redrive")
+    async def post_redrive() -> Response:
+        body = await authorized_body("admin", config.max_body_bytes)
+        if isinstance(body, Problem):
+            return problem_response(body)
+        obj = decode_json(body)
+        if isinstance(obj, Problem):
+            return problem_response(obj)
+        req = redrive_request(obj)
+        if isinstance(req, Problem):
+            return problem_response(req)
+        try:
+            return json_response(await relay.redrive(req))
+        except StoreError as exc:
+            return problem_response(store_unavailable(exc))
 
     @app.get("/v1/events")
     async def get_events() -> Response:
@@ -381,6 +410,107 @@ def int_param(name: str, default: int | None, low: int, high: int) -> int | Prob
             422, "invalid-query", f"Invalid {name}", f"{name} must be an integer in [{low}, {high}]"
         )
     return int(raw)
+
+
+def store_unavailable(exc: Exception) -> Problem:
+    """503 when the store could not commit: nothing was promised, the client may retry."""
+    log.error("store commit failed: %s", exc)
+    return Problem(503, "store-unavailable", "Store unavailable", str(exc), retry_after=5.0)
+
+
+_FILTERS: Final = ("resource_id", "reason", "upstream")
+_REDRIVE_KEYS: Final = frozenset(
+    {"message_ids", "dry_run", "limit", "force", "since", "until", *_FILTERS}
+)
+
+
+def _invalid(name: str, detail: str) -> Problem:
+    return Problem(422, "invalid-field", "Invalid field", detail, {"field": name})
+
+
+def _timestamp(name: str, value: object) -> float | Problem | None:
+    """An RFC 3339 timestamp as Unix seconds (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 40:
+        return _invalid(name, f"{name} must be an RFC 3339 timestamp")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return _invalid(name, f"{name} must be an RFC 3339 timestamp")
+    if parsed.tzinfo is None:
+        return _invalid(name, f"{name} must carry a time zone (Z or an offset)")
+    return parsed.timestamp()
+
+
+def _filters(source: Any) -> dict[str, Any] | Problem:
+    """The dead-letter filter fields shared by the list and redrive routes."""
+    out: dict[str, Any] = {}
+    for name in _FILTERS:
+        value = source.get(name)
+        if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 2048):
+            return _invalid(name, f"{name} must be a non-empty string")
+        out[name] = value
+    for name in ("since", "until"):
+        ts = _timestamp(name, source.get(name))
+        if isinstance(ts, Problem):
+            return ts
+        out[name] = ts
+    return out
+
+
+def dead_letter_query(args: Any) -> DeadLetterQuery | Problem:
+    """``GET /v1/deadletters`` query parameters (filters, ``cursor``, ``limit``)."""
+    cursor = int_param("cursor", 0, 0, 2**62)
+    if isinstance(cursor, Problem):
+        return cursor
+    limit = int_param("limit", 100, 1, MAX_PAGE)
+    if isinstance(limit, Problem):
+        return limit
+    filters = _filters(args)
+    if isinstance(filters, Problem):
+        return filters
+    return DeadLetterQuery(
+        **filters, message_ids=None, after_index=cursor or 0, limit=limit or 100
+    )
+
+
+def redrive_request(obj: object) -> RedriveRequest | Problem:
+    """``POST /v1/deadletters:redrive`` body: filters or ``message_ids``, ``dry_run``,
+    ``limit`` [100, at most 1000], ``force``."""
+    if not isinstance(obj, dict):
+        return _invalid("body", "body must be a JSON object")
+    unknown = set(obj) - _REDRIVE_KEYS
+    if unknown:
+        return _invalid(min(unknown), f"unknown field {min(unknown)!r}")
+    filters = _filters(obj)
+    if isinstance(filters, Problem):
+        return filters
+    ids = obj.get("message_ids")
+    if ids is not None and (
+        not isinstance(ids, list)
+        or not 1 <= len(ids) <= MAX_PAGE
+        or any(parse_message_id(i) is None for i in ids)
+    ):
+        return _invalid("message_ids", f"message_ids must be 1..{MAX_PAGE} message ids")
+    limit = obj.get("limit", 100)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        return _invalid("limit", f"limit must be an integer in [1, {MAX_PAGE}]")
+    flags: dict[str, bool] = {}
+    for name in ("dry_run", "force"):
+        value = obj.get(name, False)
+        if not isinstance(value, bool):
+            return _invalid(name, f"{name} must be true or false")
+        flags[name] = value
+    if ids is None and not any(v is not None for v in filters.values()):
+        return _invalid("message_ids", "give message_ids or at least one filter")
+    query = DeadLetterQuery(
+        **filters,
+        message_ids=None if ids is None else tuple(ids),
+        after_index=0,
+        limit=limit,
+    )
+    return RedriveRequest(query, dry_run=flags["dry_run"], force=flags["force"])
 
 
 def topic_param() -> str | Problem | None:

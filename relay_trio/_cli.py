@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -69,8 +69,33 @@ def run(config_file: str | None, **flags: Any) -> None:
         stream=sys.stderr,
     )
     from ._server import run_forever
+    from ._store import StoreError
 
-    run_forever(config, lambda line: click.echo(line, nl=True))
+    try:
+        run_forever(config, lambda line: click.echo(line, nl=True))
+    except (StoreError, BaseExceptionGroup) as exc:
+        # A bad store stops the start with one line, never a traceback and never an empty
+        # store created over it.
+        store_error = _find(exc, StoreError)
+        if store_error is None:
+            raise
+        click.echo(f"relay-trio: {store_error}", err=True)
+        sys.exit(2)
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _find(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first ``kind`` exception in ``exc`` or (depth first) in its exception groups."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, kind)
+            if found is not None:
+                return found
+    return None
 
 
 @main.command("config")

@@ -17,6 +17,8 @@ import attrs
 
 ENV_PREFIX: Final = "RELAY_TRIO_"
 FLUSH_MODES: Final = ("sequential", "parallel", "none")
+STORES: Final = ("sqlite", "memory")
+STORE_SYNC: Final = ("normal", "full", "off")
 MIB: Final = 1024 * 1024
 #: Share of ``shutdown_timeout`` for the drain; the rest closes streams and stops HTTP.
 DRAIN_SHARE: Final = 0.8
@@ -68,7 +70,19 @@ class RelayConfig:
     retry_cap: float = _opt(600.0, "Cap of the retry backoff.")
     max_attempts: int = _opt(10, "Send attempts before a message is dead-lettered.")
     max_age: float = _opt(14400.0, "Age after which an unacknowledged message is dead-lettered.")
-    max_dead_letters: int = _opt(10_000, "Dead letters kept in memory for GET /v1/deadletters.")
+    max_dead_letters: int = _opt(
+        10_000, "Dead letters kept in the store (oldest pruned beyond, counted in a metric)."
+    )
+    store: str = _opt(
+        "sqlite", "Where admitted reports and dead letters live: sqlite (data_dir/relay.db) or memory."
+    )
+    store_sync: str = _opt(
+        "normal",
+        "SQLite synchronous mode: normal survives a process crash, full also a power cut, off neither.",
+    )
+    recovery_rate: float = _opt(
+        500.0, "Overdue messages found at start are resent at most this many per second."
+    )
     failures_to_down: int = _opt(3, "Consecutive failures that mark an upstream down.")
     successes_to_up: int = _opt(3, "Consecutive successes that mark a down upstream up.")
     probe_interval: float = _opt(5.0, "Seconds between probes of a down upstream (jittered).")
@@ -358,6 +372,9 @@ def validate(config: RelayConfig) -> None:
         "shutdown_flush",
         f"must be one of {', '.join(FLUSH_MODES)}",
     )
+    _require(c.store in STORES, "store", f"must be one of {', '.join(STORES)}")
+    _require(c.store_sync in STORE_SYNC, "store_sync", f"must be one of {', '.join(STORE_SYNC)}")
+    _require(c.recovery_rate > 0, "recovery_rate", "must be > 0")
     _require(
         c.log_level in ("debug", "info", "warning", "error"),
         "log_level",

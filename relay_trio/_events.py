@@ -188,6 +188,16 @@ class EventRing:
 
     # -- writing ---------------------------------------------------------------------
 
+    def continue_after(self, last_id: int) -> None:
+        """Number the next event ``last_id + 1`` (a restart resuming the id sequence).
+
+        Only before the first publish, and never backwards: raises ``ValueError`` otherwise.
+        A reader asking for ids the ring never had gets a gap, as for trimmed ones.
+        """
+        if len(self._events) or last_id < self.last_id:
+            raise ValueError("event ids can only be continued on an empty ring, forwards")
+        self._next_id = last_id + 1
+
     def publish(self, topic: str, data: Mapping[str, Any], at: str) -> Event:
         """Encode and append one event; trim the oldest while over either cap.
 

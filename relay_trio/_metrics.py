@@ -28,7 +28,7 @@ REJECT_REASONS = (
     "overloaded",
     "unauthorized",
 )
-ACK_OUTCOMES = ("acked", "late", "unknown", "nacked")
+ACK_OUTCOMES = ("acked", "late", "unknown", "nacked", "dead")
 DEAD_REASONS = ("max_attempts", "max_age", "evicted", "shutdown")
 
 
@@ -82,6 +82,27 @@ class RelayMetrics:
             registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
         )
+
+        self.store_commit_seconds = Histogram(
+            "relay_store_commit_duration_seconds",
+            "Time to commit one group of store changes",
+            registry=r,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+        )
+        # Batch size = committed change sets / commits (two counters, so a rate() of each
+        # gives the mean batch size over any window).
+        self.store_commits = self.tally(
+            "relay_store_commits_total", "Store transactions committed"
+        ).labels()
+        self.store_committed = self.tally(
+            "relay_store_committed_changes_total", "Change sets committed by the store"
+        ).labels()
+
+    def observe_commit(self, seconds: float, batch_size: int) -> None:
+        """Record one store commit (called by the store's writer after each transaction)."""
+        self.store_commit_seconds.observe(seconds)
+        self.store_commits.inc()
+        self.store_committed.inc(batch_size)
 
     def tally(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> TallyFamily:
         """Register a counter family backed by plain ints (see the module docstring)."""

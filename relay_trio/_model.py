@@ -124,9 +124,25 @@ class Admitter(Protocol):
 
     def admit(self, obj: object) -> Accepted | Problem: ...
 
+    async def durable(self) -> None:
+        """Wait until everything admitted so far is stored (await before any 2xx reply)."""
+
 
 def reply_for(result: Accepted | Problem) -> dict[str, Any]:
     """The JSON reply object for one admission result (same shape as the HTTP body)."""
     if isinstance(result, Accepted):
         return {"message_id": result.message_id}
     return result.to_dict()
+
+
+def parse_message_id(value: object) -> tuple[str, int] | None:
+    """Split ``"<resource_id>:<seq>"``; ``None`` unless both parts are valid."""
+    if not isinstance(value, str):
+        return None
+    rid, sep, seq = value.rpartition(":")
+    if not sep or len(seq) > 19 or not seq.isascii() or not seq.isdigit():
+        return None
+    if RESOURCE_ID_RE.fullmatch(rid) is None:
+        return None
+    number = int(seq)
+    return (rid, number) if number >= 1 else None

@@ -545,7 +545,10 @@ class StreamReceiver:
                 return
             if not chunk:
                 # EOF: a last line without its newline is still a line.
+                ok_before = self.lines_ok
                 out, _ = self._answer([bytes(buf)], conn)
+                if self.lines_ok != ok_before:
+                    await self.admitter.durable()
                 await self._send(stream, out)
                 return
             start = len(buf)
@@ -563,7 +566,11 @@ class StreamReceiver:
             if len(buf) > lim.max_frame:
                 lines.append(buf)  # the unfinished tail is already too long: answer 413
             deadline = trio.current_time() + lim.idle_timeout
+            ok_before = self.lines_ok
             out, close = self._answer(lines, conn)
+            if self.lines_ok != ok_before:
+                # No reply says "accepted" before the store has the report.
+                await self.admitter.durable()
             if not await self._send(stream, out) or close:
                 return
 

@@ -1,13 +1,15 @@
 """The resources table: per-resource metadata, payload cache and LRU/TTL eviction.
 
-Owned by the relay; touched only through these methods and never across a checkpoint,
-so it needs no lock.
+Owned by the relay's composition root and shared by admission and delivery; touched only
+through these methods and never across a checkpoint, so it needs no lock. Eviction never
+calls back into its owner: the entries it removes are returned (idle sweep) or collected
+for :meth:`ResourceTable.take_evicted` (LRU), and the caller decides what to do with them.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -33,14 +35,11 @@ class ResourceState:
     last_acked_at: float | None = None
     awaiting_ack_since: float | None = None
     pending_message_id: str | None = None
+    #: Highest sequence number the upstream acknowledged (a redrive of an older one is stale).
+    acked_seq: int = 0
     admitted: int = 0
     rejected: int = 0
     last_dead_letter: Any = None
-
-    def next_message_id(self) -> tuple[str, int]:
-        """Allocate the next ``<resource_id>:<seq>`` (seq starts at 1, monotonic)."""
-        self.seq += 1
-        return f"{self.resource_id}:{self.seq}", self.seq
 
     def is_stale(self, now: float, threshold: float) -> bool:
         """True when sends have gone unacknowledged for at least ``threshold`` seconds."""
@@ -51,12 +50,15 @@ class ResourceState:
 class ResourceTable:
     """A capped, LRU-ordered map of resource id → :class:`ResourceState`.
 
-    ``on_evict(state, reason)`` is called (synchronously) for every entry removed, so the
-    owner can dead-letter a pending message instead of losing it silently.
+    Entries pushed out by the cap are kept for :meth:`take_evicted`, so the owner can
+    dead-letter a pending message instead of losing it silently.
     """
 
     max_resources: int
-    on_evict: Callable[[ResourceState, str], None] | None = None
+    #: Sequence numbers of new resources start above this (a durable store raises it to the
+    #: highest sequence of any resource it forgot, so message ids never repeat).
+    seq_floor: int = 0
+    _lru_evicted: list[ResourceState] = attrs.field(factory=list, init=False)
     _entries: OrderedDict[str, ResourceState] = attrs.field(factory=OrderedDict, init=False)
     # Last seq of recently removed resources, so a resource that comes back keeps
     # monotonic message ids (an upstream deduplicating on message id must never see a
@@ -85,14 +87,13 @@ class ResourceTable:
         state = entries.get(resource_id)
         if state is None:
             state = ResourceState(resource_id, created_at=now, updated_at=now, last=now)
-            state.seq = self._retired.pop(resource_id, 0)
+            state.seq = self._retired.pop(resource_id, self.seq_floor)
             entries[resource_id] = state
             while len(entries) > self.max_resources:
                 _, old = entries.popitem(last=False)
                 self.evicted_lru += 1
                 self._retire(old)
-                if self.on_evict is not None:
-                    self.on_evict(old, "evicted")
+                self._lru_evicted.append(old)
         else:
             state.updated_at = now
             entries.move_to_end(resource_id)
@@ -128,7 +129,13 @@ class ResourceTable:
             self._retire(state)
             removed.append(state)
         self.evicted_idle += len(removed)
-        if self.on_evict is not None:
-            for state in removed:
-                self.on_evict(state, "idle")
         return removed
+
+    def take_evicted(self) -> list[ResourceState]:
+        """Entries the cap pushed out since the last call (oldest first). Never blocks."""
+        evicted, self._lru_evicted = self._lru_evicted, []
+        return evicted
+
+    def restore(self, state: ResourceState) -> None:
+        """Put an entry loaded from the store (at start, before any admission)."""
+        self._entries[state.resource_id] = state

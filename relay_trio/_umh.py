@@ -334,6 +334,29 @@ class UnconfirmedMessages:
         self.admitted += 1
         return old_id
 
+    def restore(
+        self,
+        message_id: str,
+        resource_id: str,
+        admitted_at: float,
+        history: tuple[Attempt, ...],
+        deadline: float,
+    ) -> None:
+        """Track a message carried over from elsewhere (a restart, a dead-letter redrive):
+        it waits for a retry at ``deadline`` with its earlier ``history`` (empty for a fresh
+        attempt count). Raises ``ValueError`` for a malformed id or if the resource already
+        has a pending message.
+        """
+        rid, seq = _split(message_id)
+        if rid != resource_id or seq is None:
+            raise ValueError(f"message id {message_id!r} is not '{resource_id}:<seq>'")
+        if resource_id in self._pending:
+            raise ValueError(f"resource {resource_id!r} already has a pending message")
+        self._finished.pop(message_id, None)
+        e = _Entry(message_id, resource_id, admitted_at, history=history or None)
+        self._pending[resource_id] = e
+        self._arm(e, deadline, Phase.RETRY_WAIT)
+
     def sent(self, message_id: str, now: float) -> None:
         """A send succeeded without a synchronous ACK: arm the ACK deadline ``now+ack_timeout``.
 

@@ -83,6 +83,7 @@ def memory_relay(
         ups[url] = MemoryUpstream(url, mode)
         return ups[url]
 
+    overrides.setdefault("store", "memory")
     relay = Relay(make_config(tmp_path, **overrides), upstream_factory=factory)
     return relay, ups
 
@@ -116,3 +117,6 @@ class FakeAdmitter:
         if self.limit_every and n % self.limit_every == 0:
             return Problem(429, "rate-limited", "Too many reports", retry_after=30.0)
         return Accepted(f"{report.resource_id}:{n}", report.resource_id, n)
+
+    async def durable(self) -> None:
+        await trio.lowlevel.checkpoint()

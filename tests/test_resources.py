@@ -6,14 +6,14 @@ from relay_trio._resources import ResourceState, ResourceTable
 
 
 def test_cap_evicts_least_recently_used_and_reports_it() -> None:
-    evicted: list[tuple[str, str]] = []
-    table = ResourceTable(3, on_evict=lambda s, why: evicted.append((s.resource_id, why)))
+    table = ResourceTable(3)
     for i, rid in enumerate("abc"):
         table.touch(rid, float(i))
     table.touch("a", 10.0)  # "a" is now most recent: "b" is the LRU
     table.touch("d", 11.0)
     assert [s.resource_id for s in table] == ["c", "a", "d"]
-    assert evicted == [("b", "evicted")]
+    assert [s.resource_id for s in table.take_evicted()] == ["b"]
+    assert table.take_evicted() == []  # reported once
     assert table.evicted_lru == 1
 
 
@@ -30,21 +30,26 @@ def test_idle_eviction_keeps_pending_and_recent_entries() -> None:
     assert [s.resource_id for s in table.evict_idle(now=110.0, ttl=50.0)] == ["recent"]
 
 
-def test_message_ids_are_monotonic_per_resource() -> None:
-    state = ResourceState("vm-7", created_at=0.0, updated_at=0.0)
-    assert [state.next_message_id()[0] for _ in range(3)] == ["vm-7:1", "vm-7:2", "vm-7:3"]
+def _next_id(state: ResourceState) -> str:
+    state.seq += 1
+    return f"{state.resource_id}:{state.seq}"
+
+
+def test_new_resources_start_above_the_store_floor() -> None:
+    table = ResourceTable(2, seq_floor=41)
+    assert _next_id(table.touch("fresh", 0.0)) == "fresh:42"
 
 
 def test_a_returning_resource_continues_its_message_ids() -> None:
     table = ResourceTable(2)
     state = table.touch("vm-1", 0.0)
-    state.next_message_id()
-    state.next_message_id()
+    _next_id(state)
+    _next_id(state)
     table.evict_idle(now=100.0, ttl=10.0)
     assert table.get("vm-1") is None
     back = table.touch("vm-1", 200.0)
-    assert back.next_message_id()[0] == "vm-1:3"
+    assert _next_id(back) == "vm-1:3"
     # LRU eviction retires too, and the retired map is bounded by the table's cap.
     for rid in ("a", "b", "c", "d"):
-        table.touch(rid, 300.0).next_message_id()
+        _next_id(table.touch(rid, 300.0))
     assert len(table._retired) <= 2

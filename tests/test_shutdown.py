@@ -3,14 +3,17 @@
 Each test starts the relay as a subprocess configured by environment, puts it under steady
 load with SSE subscribers connected, stops it (SIGTERM or ``POST /admin/shutdown``) and then
 checks, from the outside only, that it exited 0 within ``shutdown_timeout``, that every
-admitted report is either in the upstream or dead-lettered with reason ``shutdown``, and
-that every subscriber saw the ``system`` events in order, ending with ``event: shutdown``.
+admitted report is either in the upstream or still pending in the store (``relay.db``, for
+the next start), and that every subscriber saw the ``system`` events in order, ending with
+``event: shutdown``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import socket
 import subprocess
 import sys
@@ -34,11 +37,20 @@ class RelayProcess:
     data_dir: Path
     stderr: Path
 
-    def dead_letters(self) -> list[dict[str, Any]]:
-        path = self.data_dir / "deadletters.jsonl"
+    def kept(self) -> set[str]:
+        """Message ids the store still holds as pending (read after the process exited)."""
+        path = self.data_dir / "relay.db"
         if not path.exists():
-            return []
-        return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+            return set()
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return {row[0] for row in conn.execute("SELECT message_id FROM messages")}
+
+    def dead_letters(self) -> set[str]:
+        """Message ids the store holds as dead letters."""
+        if not (self.data_dir / "relay.db").exists():
+            return set()
+        with contextlib.closing(sqlite3.connect(self.data_dir / "relay.db")) as conn:
+            return {row[0] for row in conn.execute("SELECT message_id FROM dead_letters")}
 
     def sink_ids(self) -> list[str]:
         path = self.data_dir / "upstream.jsonl"
@@ -169,12 +181,13 @@ async def wait_exit(relay: RelayProcess, within: float) -> tuple[int, float]:
 def assert_accounted(
     admitted: list[str], delivered: set[str], relay: RelayProcess
 ) -> tuple[set[str], set[str]]:
-    """Every admitted id is delivered or dead-lettered (reason shutdown); returns both sets."""
-    dead = {d["message_id"]: d["reason"] for d in relay.dead_letters()}
-    assert set(dead.values()) <= {"shutdown"}, dead
-    missing = [m for m in admitted if m not in delivered and m not in dead]
+    """Every admitted id is delivered or kept pending in the store for the next start (a
+    durable store never dead-letters at shutdown); returns both sets."""
+    assert not relay.dead_letters()
+    kept = relay.kept()
+    missing = [m for m in admitted if m not in delivered and m not in kept]
     assert not missing, (len(missing), missing[:5])
-    return delivered & set(admitted), set(dead) & set(admitted)
+    return delivered & set(admitted), kept & set(admitted)
 
 
 def acked_ids(up: FakeUpstream) -> set[str]:
@@ -235,16 +248,15 @@ async def test_sigterm_flushes_pending_in_order(tmp_path: Path, mode: str) -> No
     assert "undelivered" not in relay.log()
 
 
-async def test_sigterm_with_flush_none_dead_letters_pending(tmp_path: Path) -> None:
-    load, _up, relay, subs, delivered, dead = await run_flush_mode(tmp_path, "none")
-    # Sent-but-unacknowledged messages are reported undelivered, never dropped silently.
-    assert dead, "expected pending messages at shutdown"
-    assert delivered | dead == set(load.admitted)
+async def test_sigterm_with_flush_none_keeps_pending_in_the_store(tmp_path: Path) -> None:
+    load, _up, relay, subs, delivered, kept = await run_flush_mode(tmp_path, "none")
+    # Sent-but-unacknowledged messages stay in the store for the next start.
+    assert kept, "expected pending messages at shutdown"
+    assert delivered | kept == set(load.admitted)
     for sub in subs:
         assert sub.system_kinds() == ["draining", "shutdown"], sub.system_kinds()
-        reported = {d["data"]["message_id"] for e, d in sub.frames if e == "deadletter"}
-        assert reported == dead
-    assert "undelivered at shutdown" in relay.log()
+        assert not [d for e, d in sub.frames if e == "deadletter"]
+    assert "kept in the sqlite store for the next start" in relay.log()
 
 
 async def test_admin_shutdown_under_load_with_jsonl_sink(tmp_path: Path) -> None:
@@ -329,7 +341,6 @@ async def test_second_sigterm_during_stalled_drain_exits_promptly(tmp_path: Path
         relay.proc.send_signal(signal.SIGTERM)
         code, took = await wait_exit(relay, 5)
         assert code == 0 and took < 3, (code, took)
-        # Even a hard stop reports what it could not deliver.
-        dead = {d["message_id"] for d in relay.dead_letters()}
-        assert dead == {f"s{i}:1" for i in range(5)}, relay.log()[-2000:]
+        # Even a hard stop keeps what it could not deliver for the next start.
+        assert relay.kept() == {f"s{i}:1" for i in range(5)}, relay.log()[-2000:]
         assert "second signal" in relay.log()
