@@ -106,7 +106,14 @@ class Admission:
         state.pending_message_id = message_id
         if state.awaiting_ack_since is None:
             state.awaiting_ack_since = now
-        self._stage(state, message_id, report.kind, report.payload, superseded, now)
+        self._stage(
+            state,
+            message_id,
+            kind=report.kind,
+            payload=report.payload,
+            superseded=superseded,
+            now=now,
+        )
         m.reports_admitted.inc()
         event: dict[str, Any] = {"message_id": message_id, "resource_id": rid, "kind": report.kind}
         if isinstance(superseded, str):
@@ -144,9 +151,10 @@ class Admission:
         self,
         state: ResourceState,
         message_id: str,
+        *,
         kind: str | None,
         payload: Any,
-        superseded: str | None | bool,
+        superseded: str | bool | None,
         now: float,
     ) -> None:
         offset = self.wall_clock() - now
@@ -158,10 +166,12 @@ class Admission:
             message_record(
                 message_id,
                 state,
-                kind,
-                orjson.dumps(payload),
-                now + offset,
-                self.delivery.router.urls[self.delivery.router.pick(state.resource_id) or 0],
+                kind=kind,
+                payload_json=orjson.dumps(payload),
+                admitted_at=now + offset,
+                upstream=self.delivery.router.urls[
+                    self.delivery.router.pick(state.resource_id) or 0
+                ],
             )
         )
         self._ticket = self.store.stage(changes)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hmac
 import logging
-from datetime import datetime
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from datetime import datetime
 from typing import Any, Final
 
 import orjson
@@ -26,8 +26,8 @@ from ._openapi import openapi_document
 from ._ratelimit import retry_after_header
 from ._redrive import RedriveRequest
 from ._relay import Relay
-from ._store import DeadLetterQuery, StoreError
 from ._statuspage import STATUS_PAGE
+from ._store import DeadLetterQuery, StoreError
 
 log = logging.getLogger("relay_trio.http")
 
@@ -470,9 +470,7 @@ def dead_letter_query(args: Any) -> DeadLetterQuery | Problem:
     filters = _filters(args)
     if isinstance(filters, Problem):
         return filters
-    return DeadLetterQuery(
-        **filters, message_ids=None, after_index=cursor or 0, limit=limit or 100
-    )
+    return DeadLetterQuery(**filters, message_ids=None, after_index=cursor or 0, limit=limit or 100)
 
 
 def redrive_request(obj: object) -> RedriveRequest | Problem:

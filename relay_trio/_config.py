@@ -74,7 +74,8 @@ class RelayConfig:
         10_000, "Dead letters kept in the store (oldest pruned beyond, counted in a metric)."
     )
     store: str = _opt(
-        "sqlite", "Where admitted reports and dead letters live: sqlite (data_dir/relay.db) or memory."
+        "sqlite",
+        "Where admitted reports and dead letters live: sqlite (data_dir/relay.db) or memory.",
     )
     store_sync: str = _opt(
         "normal",

@@ -37,8 +37,7 @@ def record_view(record: DeadLetterRecord) -> dict[str, Any]:
         "admitted_at": rfc3339(record.admitted_at),
         "dead_at": rfc3339(record.dead_at),
         "attempts": [
-            {"at": rfc3339(a.at), "outcome": a.outcome, "detail": a.detail}
-            for a in record.attempts
+            {"at": rfc3339(a.at), "outcome": a.outcome, "detail": a.detail} for a in record.attempts
         ],
         "payload": orjson.loads(record.payload) if record.payload else None,
     }

@@ -122,7 +122,7 @@ class Delivery:
 
     def enqueue(
         self, message_id: str, state: ResourceState, kind: str | None, payload: Any, now: float
-    ) -> str | None | bool:
+    ) -> str | bool | None:
         """Hand a newly admitted message to the senders (first attempt) and track it.
 
         Returns ``False`` when the send channel is full (nothing changed: the caller answers
@@ -142,6 +142,7 @@ class Delivery:
         self,
         message_id: str,
         state: ResourceState,
+        *,
         kind: str | None,
         payload: Any,
         admitted_at: float,
@@ -467,9 +468,10 @@ class Delivery:
 def message_record(
     message_id: str,
     state: ResourceState,
+    *,
     kind: str | None,
     payload_json: bytes,
-    admitted_at_wall: float,
+    admitted_at: float,
     upstream: str,
 ) -> MessageRecord:
     """The row a newly admitted message is stored as (no attempts, due at once)."""
@@ -479,7 +481,7 @@ def message_record(
         seq=state.seq,
         kind=kind,
         payload=payload_json,
-        admitted_at=admitted_at_wall,
+        admitted_at=admitted_at,
         attempts=(),
         due_at=None,
         upstream=upstream,

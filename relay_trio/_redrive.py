@@ -64,13 +64,23 @@ async def redrive(
             state = resources.touch(dead.resource_id, now)
         state.seq = max(state.seq, dead.seq)
         delivery.readmit(
-            dead.message_id, state, dead.kind, orjson.loads(dead.payload or b"null"), now, now
+            dead.message_id,
+            state,
+            kind=dead.kind,
+            payload=orjson.loads(dead.payload or b"null"),
+            admitted_at=now,
+            now=now,
         )
         changes.delete_dead_letters([dead.message_id])
         changes.put_message(
             attrs.evolve(
                 message_record(
-                    dead.message_id, state, dead.kind, dead.payload, now + offset, dead.upstream
+                    dead.message_id,
+                    state,
+                    kind=dead.kind,
+                    payload_json=dead.payload,
+                    admitted_at=now + offset,
+                    upstream=dead.upstream,
                 ),
                 seq=dead.seq,
             )

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import attrs
 import orjson
@@ -62,9 +62,8 @@ def open_store(config: RelayConfig) -> Store:
         return MemoryStore(config.max_dead_letters)
     from ._store_sqlite import SqliteStore
 
-    return SqliteStore(
-        Path(config.data_dir) / "relay.db", config.store_sync, config.max_dead_letters
-    )
+    sync = cast(Literal["normal", "full", "off"], config.store_sync)  # validated by config
+    return SqliteStore(Path(config.data_dir) / "relay.db", sync, config.max_dead_letters)
 
 
 @attrs.define(eq=False)
@@ -350,10 +349,11 @@ class Relay:
         overdue = 0
         spacing = 1.0 / self.config.recovery_rate
         for m in sorted(recovered.messages, key=lambda m: (m.due_at or 0.0, m.seq)):
-            state = self.resources.get(m.resource_id)
-            if state is None:
-                state = ResourceState(m.resource_id, created_at=now, updated_at=now)
-                self.resources.restore(state)
+            known = self.resources.get(m.resource_id)
+            if known is None:
+                known = ResourceState(m.resource_id, created_at=now, updated_at=now)
+                self.resources.restore(known)
+            state = known
             if self.umh.pending_for(m.resource_id) is not None:
                 continue  # an older row a crash left behind; the newer one wins
             state.seq = max(state.seq, m.seq)
@@ -471,9 +471,7 @@ class Relay:
                 await nursery.start(self._eviction_ticker)
                 await nursery.start(self.delivery.run_prober)
                 await nursery.start(self.side.run)
-                self.publish(
-                    "system", {"kind": "started", "recovered": self.recovered_messages}
-                )
+                self.publish("system", {"kind": "started", "recovered": self.recovered_messages})
                 self.ready.value = True
                 task_status.started()
         finally:

@@ -37,6 +37,7 @@ __all__ = [
     "StoreError",
     "StoreStats",
     "Ticket",
+    "UpdateMessage",
 ]
 
 SEQ_FLOOR = "seq_floor"
@@ -132,6 +133,14 @@ class DeleteMessage(NamedTuple):
     message_id: str
 
 
+class UpdateMessage(NamedTuple):
+    """Operation: replace a message row's attempt history and next due time (no-op when absent)."""
+
+    message_id: str
+    attempts: tuple[AttemptRecord, ...]
+    due_at: float | None
+
+
 class DeleteDeadLetters(NamedTuple):
     """Operation: delete every dead letter whose message id is listed."""
 
@@ -151,6 +160,7 @@ Op = (
     | DeadLetterRecord
     | DeleteResource
     | DeleteMessage
+    | UpdateMessage
     | DeleteDeadLetters
     | SetMeta
 )
@@ -181,6 +191,13 @@ class Changes:
     def delete_message(self, message_id: str) -> None:
         """Delete the message row ``message_id`` (no-op when absent)."""
         self.ops.append(DeleteMessage(message_id))
+
+    def update_message(
+        self, message_id: str, attempts: tuple[AttemptRecord, ...], due_at: float | None
+    ) -> None:
+        """Replace the attempt history and next due time of message ``message_id`` (no-op
+        when absent): what a failed attempt changes, without rewriting the payload."""
+        self.ops.append(UpdateMessage(message_id, attempts, due_at))
 
     def dead_letter(self, d: DeadLetterRecord) -> None:
         """Insert a dead letter (the store assigns its index) and delete the message row with

@@ -27,6 +27,7 @@ from ._store import (
     SetMeta,
     StoreStats,
     Ticket,
+    UpdateMessage,
     wait_durable,
 )
 
@@ -104,6 +105,12 @@ class MemoryStore:
                 self.resources[op.resource_id] = op
             elif isinstance(op, DeleteMessage):
                 self.messages.pop(op.message_id, None)
+            elif isinstance(op, UpdateMessage):
+                old = self.messages.get(op.message_id)
+                if old is not None:
+                    self.messages[op.message_id] = attrs.evolve(
+                        old, attempts=op.attempts, due_at=op.due_at
+                    )
             elif isinstance(op, DeleteResource):
                 self.resources.pop(op.resource_id, None)
                 self.meta[SEQ_FLOOR] = max(self.meta.get(SEQ_FLOOR, 0), op.seq)

@@ -50,6 +50,7 @@ from ._store import (
     StoreError,
     StoreStats,
     Ticket,
+    UpdateMessage,
     attempts_from_json,
     attempts_to_json,
     wait_durable,
@@ -122,6 +123,7 @@ _PUT_RESOURCE = "INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, ?, ?)"
 _DELETE_RESOURCE = "DELETE FROM resources WHERE resource_id = ?"
 _PUT_MESSAGE = "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _DELETE_MESSAGE = "DELETE FROM messages WHERE message_id = ?"
+_UPDATE_MESSAGE = "UPDATE messages SET attempts = ?, due_at = ? WHERE message_id = ?"
 _INSERT_DEAD_LETTER = "INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _DELETE_DEAD_LETTERS = "DELETE FROM dead_letters WHERE message_id = ?"
 _PRUNE_DEAD_LETTERS = (
@@ -347,6 +349,8 @@ class SqliteFile:
         conn = self._connection()
         resources: dict[str, ResourceRecord | None] = {}
         messages: dict[str, MessageRecord | None] = {}
+        # Updates of rows this batch did not write itself (applied after the upserts).
+        updates: dict[str, tuple[bytes, float | None, str]] = {}
         meta = dict(self._meta)
         index = self._dead_letter_index
         # Dead-letter runs, in order: (True, insert rows) or (False, message ids to delete).
@@ -355,10 +359,22 @@ class SqliteFile:
             for op in changes.ops:
                 if isinstance(op, MessageRecord):
                     messages[op.message_id] = op
+                    updates.pop(op.message_id, None)
+                elif isinstance(op, UpdateMessage):
+                    mid = op.message_id
+                    if mid in messages:
+                        written = messages[mid]
+                        if written is not None:
+                            messages[mid] = attrs.evolve(
+                                written, attempts=op.attempts, due_at=op.due_at
+                            )
+                    else:
+                        updates[mid] = (attempts_to_json(op.attempts), op.due_at, mid)
                 elif isinstance(op, ResourceRecord):
                     resources[op.resource_id] = op
                 elif isinstance(op, DeleteMessage):
                     messages[op.message_id] = None
+                    updates.pop(op.message_id, None)
                 elif isinstance(op, DeleteResource):
                     resources[op.resource_id] = None
                     meta[SEQ_FLOOR] = max(meta.get(SEQ_FLOOR, 0), op.seq)
@@ -367,6 +383,7 @@ class SqliteFile:
                 elif isinstance(op, DeadLetterRecord):
                     index += 1
                     messages[op.message_id] = None
+                    updates.pop(op.message_id, None)
                     if not runs or not runs[-1][0]:
                         runs.append((True, []))
                     runs[-1][1].append(_dead_letter_row(index, op))  # type: ignore[arg-type]
@@ -385,6 +402,8 @@ class SqliteFile:
                     self._write(conn, _DELETE_RESOURCE, _PUT_RESOURCE, resources, _resource_row)
                 if messages:
                     self._write(conn, _DELETE_MESSAGE, _PUT_MESSAGE, messages, _message_row)
+                if updates:
+                    conn.executemany(_UPDATE_MESSAGE, updates.values())
                 for insert, rows in runs:
                     if insert:
                         conn.executemany(_INSERT_DEAD_LETTER, rows)

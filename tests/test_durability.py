@@ -7,6 +7,7 @@ the test process and stays up across the relay's restarts.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -21,8 +22,10 @@ import httpx
 import orjson
 import pytest
 import trio
-
 from fake_upstream import Behaviour, FakeUpstream, run_fake_upstream
+
+
+_runs = itertools.count()
 
 
 @attrs.define
@@ -40,9 +43,7 @@ def _free_port() -> int:
 
 
 @asynccontextmanager
-async def relay_process(
-    tmp: Path, upstream: str, **settings: str
-) -> AsyncIterator[RelayProcess]:
+async def relay_process(tmp: Path, upstream: str, **settings: str) -> AsyncIterator[RelayProcess]:
     """``relay-trio run`` in a child process on the data dir ``tmp/data``; killed on exit."""
     env = {
         **os.environ,
@@ -57,7 +58,7 @@ async def relay_process(
         "RELAY_TRIO_FAILURES_TO_DOWN": "1000000",
         **{f"RELAY_TRIO_{k.upper()}": v for k, v in settings.items()},
     }
-    stderr = tmp / f"stderr-{len(list(tmp.glob('stderr-*')))}.log"
+    stderr = tmp / f"stderr-{next(_runs)}.log"
     with stderr.open("wb") as err:
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "relay_trio", "run"],
@@ -115,8 +116,8 @@ async def _admit_all_doors(client: httpx.AsyncClient, stream_port: int, n: int) 
         with trio.fail_after(10):
             while replies.count(b"\n") < n:
                 replies += await stream.receive_some(65536)
-    for line in replies.splitlines():
-        ids.append(orjson.loads(line)["message_id"])
+    for reply in replies.splitlines():
+        ids.append(orjson.loads(reply)["message_id"])
     assert len(ids) == 3 * n
     return ids
 
@@ -169,11 +170,13 @@ async def test_kill9_after_2xx_loses_nothing_and_ids_continue(tmp_path: Path) ->
             await _kill9(relay)
 
         # The ACK and the new report survived the second crash too.
-        async with relay_process(tmp_path, up.url, stream_listen=listen) as relay:
-            async with httpx.AsyncClient(base_url=relay.url, timeout=10) as client:
-                assert (await client.get("/v1/resources/single-1")).json()["pending"] is None
-                pending = (await client.get("/v1/resources/single-0")).json()["pending"]
-                assert pending["message_id"] == "single-0:2"
+        async with (
+            relay_process(tmp_path, up.url, stream_listen=listen) as relay,
+            httpx.AsyncClient(base_url=relay.url, timeout=10) as client,
+        ):
+            assert (await client.get("/v1/resources/single-1")).json()["pending"] is None
+            pending = (await client.get("/v1/resources/single-0")).json()["pending"]
+            assert pending["message_id"] == "single-0:2"
 
 
 @pytest.mark.slow
@@ -181,12 +184,14 @@ async def test_kill9_after_2xx_loses_nothing_and_ids_continue(tmp_path: Path) ->
 async def test_sigterm_keeps_undelivered_for_the_next_start(tmp_path: Path, flush: str) -> None:
     async with run_fake_upstream() as up:
         up.behaviour = Behaviour(fail_all=True)
-        settings = {"shutdown_flush": flush, "shutdown_timeout": "8"}
+        settings = {"shutdown_flush": flush, "shutdown_timeout": "8", "write_timeout": "2"}
         async with relay_process(tmp_path, up.url, **settings) as relay:
             async with httpx.AsyncClient(base_url=relay.url, timeout=10) as client:
                 ids = []
                 for i in range(5):
-                    r = await client.post("/v1/reports", json={"resource_id": f"r{i}", "payload": i})
+                    r = await client.post(
+                        "/v1/reports", json={"resource_id": f"r{i}", "payload": i}
+                    )
                     ids.append(r.json()["message_id"])
             relay.proc.send_signal(signal.SIGTERM)
             with trio.fail_after(20):
@@ -208,18 +213,20 @@ async def test_sse_resume_after_restart_gets_gap_and_ids_continue(tmp_path: Path
                 events = (await client.get("/v1/events")).json()["events"]
                 last_id = events[-1]["id"]
             await _kill9(relay)
-        async with relay_process(tmp_path, up.url) as relay:
-            async with httpx.AsyncClient(base_url=relay.url, timeout=10) as client:
-                await client.post("/v1/reports", json={"resource_id": "after", "payload": 1})
-                frames: list[str] = []
-                with trio.fail_after(10):
-                    async with client.stream(
-                        "GET", "/v1/events/stream", headers={"Last-Event-ID": str(last_id)}
-                    ) as response:
-                        async for line in response.aiter_lines():
-                            frames.append(line)
-                            if line.startswith("id:") and len(frames) > 3:
-                                break
+        async with (
+            relay_process(tmp_path, up.url) as relay,
+            httpx.AsyncClient(base_url=relay.url, timeout=10) as client,
+        ):
+            await client.post("/v1/reports", json={"resource_id": "after", "payload": 1})
+            frames: list[str] = []
+            with trio.fail_after(10):
+                async with client.stream(
+                    "GET", "/v1/events/stream", headers={"Last-Event-ID": str(last_id)}
+                ) as response:
+                    async for line in response.aiter_lines():
+                        frames.append(line)
+                        if line.startswith("id:") and len(frames) > 3:
+                            break
         assert "event: gap" in frames
         ids = [int(f.removeprefix("id:").strip()) for f in frames if f.startswith("id:")]
         assert ids and min(ids) > last_id

@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sqlite3
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
