@@ -24,7 +24,6 @@ import pytest
 import trio
 from fake_upstream import Behaviour, FakeUpstream, run_fake_upstream
 
-
 _runs = itertools.count()
 
 
