@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
+from ._cli_deadletters import deadletters
 from ._config import ConfigError, RelayConfig, config_fields, field_kind, load_config
 
 
@@ -96,6 +97,9 @@ def _find(exc: BaseException, kind: type[_E]) -> _E | None:
             if found is not None:
                 return found
     return None
+
+
+main.add_command(deadletters)
 
 
 @main.command("config")

@@ -51,11 +51,11 @@ async def redrive(
     changes = Changes()
     for dead in page.items:
         state = resources.get(dead.resource_id)
-        if state is not None and state.acked_seq > dead.seq and not request.force:
-            skipped["superseded"] += 1
-            continue
         if delivery.umh.pending_for(dead.resource_id) is not None:
             skipped["pending"] += 1
+            continue
+        if state is not None and state.acked_seq > dead.seq and not request.force:
+            skipped["superseded"] += 1
             continue
         redriven.append(dead.message_id)
         if request.dry_run:
