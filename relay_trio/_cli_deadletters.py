@@ -94,7 +94,7 @@ def list_dead_letters(
 @click.option("--dry-run", is_flag=True, help="Only count what would be redriven.")
 @click.option("--force", is_flag=True, help="Also redrive messages a newer ACK superseded.")
 @click.option("--token", envvar="RELAY_TRIO_ADMIN_TOKEN", default=None, help="Admin token.")
-def redrive_dead_letters(
+def redrive_dead_letters(  # noqa: PLR0917 - click passes every option as a parameter
     url: str,
     message_ids: tuple[str, ...],
     limit: int,

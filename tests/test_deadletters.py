@@ -7,6 +7,8 @@ Real hypercorn server on 127.0.0.1:0, httpx, and the controllable fake upstream.
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from fake_upstream import Behaviour, FakeUpstream, run_fake_upstream
 from relay_helpers import eventually, make_config, running_server
 
 from relay_trio._relay import Relay
+from relay_trio._server import RelayServer
 from relay_trio._store import Changes, DeadLetterQuery, DeadLetterRecord, Ticket
 from relay_trio._store_memory import MemoryStore
 
@@ -36,6 +39,18 @@ def _config(tmp_path: Path, up: FakeUpstream, **overrides: Any) -> Any:
     }
     base.update(overrides)
     return make_config(tmp_path, **base)
+
+
+@asynccontextmanager
+async def failing_relay(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[FakeUpstream, RelayServer, httpx.AsyncClient]]:
+    """A relay (admin token set, one attempt per message) whose upstream fails everything."""
+    async with (
+        run_fake_upstream(Behaviour(fail_all=True)) as up,
+        running_server(_config(tmp_path, up)) as (server, client),
+    ):
+        yield up, server, client
 
 
 async def _dead_letter(client: httpx.AsyncClient, relay: Relay, *rids: str) -> list[str]:
@@ -57,99 +72,92 @@ async def _list(client: httpx.AsyncClient, **params: Any) -> dict[str, Any]:
 
 async def test_filters_and_cursor_paging(tmp_path: Path) -> None:
     with trio.fail_after(30):
-        async with run_fake_upstream(Behaviour(fail_all=True)) as up:
-            async with running_server(_config(tmp_path, up)) as (server, client):
-                before = datetime.now(UTC).isoformat()
-                ids = await _dead_letter(client, server.relay, "a", "b", "c", "d")
-                everything = await _list(client)
-                assert [d["message_id"] for d in everything["dead_letters"]] == ids
-                first = everything["dead_letters"][0]
-                assert first["payload"] == {"rid": "a"} and first["reason"] == "max_attempts"
-                assert first["upstream"] == up.url and len(first["attempts"]) == 1
-                assert everything["next_cursor"] is None
-                # Paging at an exact multiple of the page size: 2 + 2, then nothing.
-                page1 = await _list(client, limit=2)
-                page2 = await _list(client, limit=2, cursor=page1["next_cursor"])
-                assert [
-                    d["message_id"] for d in page1["dead_letters"] + page2["dead_letters"]
-                ] == ids
-                assert (
-                    page2["next_cursor"] is None
-                    or not (await _list(client, limit=2, cursor=page2["next_cursor"]))[
-                        "dead_letters"
-                    ]
-                )
-                assert [
-                    d["message_id"] for d in (await _list(client, resource_id="c"))["dead_letters"]
-                ] == ["c:1"]
-                assert (await _list(client, reason="max_age"))["dead_letters"] == []
-                assert len((await _list(client, upstream=up.url))["dead_letters"]) == 4
-                assert len((await _list(client, since=before))["dead_letters"]) == 4
-                assert (await _list(client, until=before))["dead_letters"] == []
-                bad = await client.get("/v1/deadletters", params={"since": "yesterday"})
-                assert bad.status_code == 422
-                assert bad.headers["content-type"] == "application/problem+json"
+        async with failing_relay(tmp_path) as (up, server, client):
+            before = datetime.now(UTC).isoformat()
+            ids = await _dead_letter(client, server.relay, "a", "b", "c", "d")
+            everything = await _list(client)
+            assert [d["message_id"] for d in everything["dead_letters"]] == ids
+            first = everything["dead_letters"][0]
+            assert first["payload"] == {"rid": "a"} and first["reason"] == "max_attempts"
+            assert first["upstream"] == up.url and len(first["attempts"]) == 1
+            assert everything["next_cursor"] is None
+            # Paging at an exact multiple of the page size: 2 + 2, then nothing.
+            page1 = await _list(client, limit=2)
+            page2 = await _list(client, limit=2, cursor=page1["next_cursor"])
+            assert [d["message_id"] for d in page1["dead_letters"] + page2["dead_letters"]] == ids
+            assert (
+                page2["next_cursor"] is None
+                or not (await _list(client, limit=2, cursor=page2["next_cursor"]))["dead_letters"]
+            )
+            assert [
+                d["message_id"] for d in (await _list(client, resource_id="c"))["dead_letters"]
+            ] == ["c:1"]
+            assert (await _list(client, reason="max_age"))["dead_letters"] == []
+            assert len((await _list(client, upstream=up.url))["dead_letters"]) == 4
+            assert len((await _list(client, since=before))["dead_letters"]) == 4
+            assert (await _list(client, until=before))["dead_letters"] == []
+            bad = await client.get("/v1/deadletters", params={"since": "yesterday"})
+            assert bad.status_code == 422
+            assert bad.headers["content-type"] == "application/problem+json"
 
 
 async def test_redrive_dry_run_limit_and_events(tmp_path: Path) -> None:
     with trio.fail_after(30):
-        async with run_fake_upstream(Behaviour(fail_all=True)) as up:
-            async with running_server(_config(tmp_path, up)) as (server, client):
-                relay = server.relay
-                ids = await _dead_letter(client, relay, "a", "b", "c")
-                r = await client.post(
-                    "/v1/deadletters:redrive", json={"reason": "max_attempts", "dry_run": True}
-                )
-                assert r.status_code == 401  # the admin token guards redrive
-                r = await client.post(
-                    "/v1/deadletters:redrive",
-                    json={"reason": "max_attempts", "dry_run": True},
-                    headers=ADMIN,
-                )
-                assert r.json()["matched"] == 3 and r.json()["redriven"] == 3
-                assert len((await _list(client))["dead_letters"]) == 3  # nothing changed
-                up.behaviour = Behaviour()  # the upstream is back
-                up.clear()
-                r = await client.post(
-                    "/v1/deadletters:redrive",
-                    json={"reason": "max_attempts", "limit": 2},
-                    headers=ADMIN,
-                )
-                assert r.json()["redriven"] == 2 and r.json()["message_ids"] == ids[:2]
-                with trio.fail_after(10):
-                    await up.wait_until(lambda u: set(ids[:2]) <= set(u.message_ids()))
-                # Same message ids, a fresh attempt count.
-                assert [r.body["attempt"] for r in up.received] == [1, 1]
-                assert [d["message_id"] for d in (await _list(client))["dead_letters"]] == [ids[2]]
-                events = (await client.get("/v1/events", params={"topic": "deadletter"})).json()
-                actions = [(e["data"]["action"], e["data"]["message_id"]) for e in events["events"]]
-                assert ("redriven", ids[0]) in actions and ("redriven", ids[2]) not in actions
+        async with failing_relay(tmp_path) as (up, server, client):
+            relay = server.relay
+            ids = await _dead_letter(client, relay, "a", "b", "c")
+            r = await client.post(
+                "/v1/deadletters:redrive", json={"reason": "max_attempts", "dry_run": True}
+            )
+            assert r.status_code == 401  # the admin token guards redrive
+            r = await client.post(
+                "/v1/deadletters:redrive",
+                json={"reason": "max_attempts", "dry_run": True},
+                headers=ADMIN,
+            )
+            assert r.json()["matched"] == 3 and r.json()["redriven"] == 3
+            assert len((await _list(client))["dead_letters"]) == 3  # nothing changed
+            up.behaviour = Behaviour()  # the upstream is back
+            up.clear()
+            r = await client.post(
+                "/v1/deadletters:redrive",
+                json={"reason": "max_attempts", "limit": 2},
+                headers=ADMIN,
+            )
+            assert r.json()["redriven"] == 2 and r.json()["message_ids"] == ids[:2]
+            with trio.fail_after(10):
+                await up.wait_until(lambda u: set(ids[:2]) <= set(u.message_ids()))
+            # Same message ids, a fresh attempt count.
+            assert [r.body["attempt"] for r in up.received] == [1, 1]
+            assert [d["message_id"] for d in (await _list(client))["dead_letters"]] == [ids[2]]
+            events = (await client.get("/v1/events", params={"topic": "deadletter"})).json()
+            actions = [(e["data"]["action"], e["data"]["message_id"]) for e in events["events"]]
+            assert ("redriven", ids[0]) in actions and ("redriven", ids[2]) not in actions
 
 
 async def test_redrive_skips_superseded_unless_forced_and_pending(tmp_path: Path) -> None:
     with trio.fail_after(30):
-        async with run_fake_upstream(Behaviour(fail_all=True)) as up:
-            async with running_server(_config(tmp_path, up)) as (server, client):
-                (old,) = await _dead_letter(client, server.relay, "vm")
-                up.behaviour = Behaviour()  # acks the newer report
-                r = await client.post("/v1/reports", json={"resource_id": "vm", "payload": 2})
-                assert r.json()["message_id"] == "vm:2"
-                await eventually(lambda: server.relay.umh.pending_count() == 0)
-                body = {"message_ids": [old]}
-                r = await client.post("/v1/deadletters:redrive", json=body, headers=ADMIN)
-                assert r.json()["skipped_by_reason"] == {"superseded": 1}
-                assert r.json()["redriven"] == 0
-                up.behaviour = Behaviour(stall=30)  # keep the forced one pending
-                r = await client.post(
-                    "/v1/deadletters:redrive", json={**body, "force": True}, headers=ADMIN
-                )
-                assert r.json()["redriven"] == 1
-                with trio.fail_after(10):
-                    await up.wait_until(lambda u: old in u.message_ids())
-                # A message in flight for the resource: a second redrive is skipped as pending.
-                await _dead_letter_again(server.relay, old)
-                r = await client.post("/v1/deadletters:redrive", json=body, headers=ADMIN)
-                assert r.json()["skipped_by_reason"] == {"pending": 1}
+        async with failing_relay(tmp_path) as (up, server, client):
+            (old,) = await _dead_letter(client, server.relay, "vm")
+            up.behaviour = Behaviour()  # acks the newer report
+            r = await client.post("/v1/reports", json={"resource_id": "vm", "payload": 2})
+            assert r.json()["message_id"] == "vm:2"
+            await eventually(lambda: server.relay.umh.pending_count() == 0)
+            body = {"message_ids": [old]}
+            r = await client.post("/v1/deadletters:redrive", json=body, headers=ADMIN)
+            assert r.json()["skipped_by_reason"] == {"superseded": 1}
+            assert r.json()["redriven"] == 0
+            up.behaviour = Behaviour(stall=30)  # keep the forced one pending
+            r = await client.post(
+                "/v1/deadletters:redrive", json={**body, "force": True}, headers=ADMIN
+            )
+            assert r.json()["redriven"] == 1
+            with trio.fail_after(10):
+                await up.wait_until(lambda u: old in u.message_ids())
+            # A message in flight for the resource: a second redrive is skipped as pending.
+            await _dead_letter_again(server.relay, old)
+            r = await client.post("/v1/deadletters:redrive", json=body, headers=ADMIN)
+            assert r.json()["skipped_by_reason"] == {"pending": 1}
 
 
 async def _dead_letter_again(relay: Relay, message_id: str) -> None:
@@ -165,52 +173,51 @@ async def _dead_letter_again(relay: Relay, message_id: str) -> None:
 
 async def test_cli_list_and_redrive(tmp_path: Path) -> None:
     with trio.fail_after(60):
-        async with run_fake_upstream(Behaviour(fail_all=True)) as up:
-            async with running_server(_config(tmp_path, up)) as (server, client):
-                ids = await _dead_letter(client, server.relay, "x", "y")
-                url = str(client.base_url)
-                listed = await trio.run_process(
-                    [sys.executable, "-m", "relay_trio", "deadletters", "list", "--url", url],
-                    capture_stdout=True,
-                )
-                rows = [orjson.loads(line) for line in listed.stdout.splitlines()]
-                assert [row["message_id"] for row in rows] == ids
-                dry = await trio.run_process(
-                    [
-                        sys.executable,
-                        "-m",
-                        "relay_trio",
-                        "deadletters",
-                        "redrive",
-                        "--url",
-                        url,
-                        "--resource-id",
-                        "y",
-                        "--dry-run",
-                        "--token",
-                        "admin-Token-77",
-                    ],
-                    capture_stdout=True,
-                )
-                answer = orjson.loads(dry.stdout)
-                assert answer["matched"] == 1 and answer["dry_run"] is True
-                denied = await trio.run_process(
-                    [
-                        sys.executable,
-                        "-m",
-                        "relay_trio",
-                        "deadletters",
-                        "redrive",
-                        "--url",
-                        url,
-                        "--resource-id",
-                        "y",
-                    ],
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                )
-                assert denied.returncode == 1 and b"HTTP 401" in denied.stderr
+        async with failing_relay(tmp_path) as (_up, server, client):
+            ids = await _dead_letter(client, server.relay, "x", "y")
+            url = str(client.base_url)
+            listed = await trio.run_process(
+                [sys.executable, "-m", "relay_trio", "deadletters", "list", "--url", url],
+                capture_stdout=True,
+            )
+            rows = [orjson.loads(line) for line in listed.stdout.splitlines()]
+            assert [row["message_id"] for row in rows] == ids
+            dry = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "relay_trio",
+                    "deadletters",
+                    "redrive",
+                    "--url",
+                    url,
+                    "--resource-id",
+                    "y",
+                    "--dry-run",
+                    "--token",
+                    "admin-Token-77",
+                ],
+                capture_stdout=True,
+            )
+            answer = orjson.loads(dry.stdout)
+            assert answer["matched"] == 1 and answer["dry_run"] is True
+            denied = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "relay_trio",
+                    "deadletters",
+                    "redrive",
+                    "--url",
+                    url,
+                    "--resource-id",
+                    "y",
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert denied.returncode == 1 and b"HTTP 401" in denied.stderr
 
 
 @attrs.define(eq=False)
