@@ -6,14 +6,17 @@ import gc
 import socket
 from importlib.metadata import version as dist_version
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.events import RawData
+from hypercorn.protocol import ProtocolWrapper
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
+from relay_helpers import make_config, running_server
 
 import relay_trio._hypercorn_patch as patch
 from relay_trio._hypercorn_patch import (
@@ -26,7 +29,6 @@ from relay_trio._hypercorn_patch import (
     source_hashes,
 )
 from relay_trio._server import RelayServer
-from relay_helpers import make_config, running_server
 
 
 def test_relied_on_hypercorn_sources_are_the_reviewed_ones() -> None:
@@ -126,7 +128,7 @@ async def test_watchdog_cut_during_finish_closes_the_connection() -> None:
             closed.append(event)
             await trio.lowlevel.checkpoint()
 
-    conn.protocol = Protocol()
+    conn.protocol = cast(ProtocolWrapper, Protocol())
     with ours, peer, trio.fail_after(10):
         async with trio.open_nursery() as nursery:
 
