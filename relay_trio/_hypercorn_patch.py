@@ -13,6 +13,9 @@ writes. The HTTP front door needs all three (seed 002, issue 11 finding 4), so t
   below, and bookkeeping in a :class:`ConnectionTable` so that a full front door can
   close the oldest connection that is not serving a request.
 
+The module is longer than ~400 lines on purpose: every line that depends on hypercorn's
+internals lives here, so an upgrade is reviewed in one file.
+
 Nothing is monkeypatched: other hypercorn servers in the process keep hypercorn's
 behaviour. Two guards keep the copy honest: :func:`check_hypercorn_version` refuses to run
 outside the tested version range, and ``tests/test_hypercorn_patch.py`` recomputes the
