@@ -140,7 +140,7 @@ def run_relay(args: dict[str, Any]) -> None:
     from relay_trio._config import load_config
     from relay_trio._events import EventRing
     from relay_trio._relay import Relay
-    from relay_trio._server import RelayServer
+    from relay_trio._server import RelayServer, tune_gc_for_serving
 
     tmp = tempfile.mkdtemp(prefix="relay-bench-")
     overrides: dict[str, Any] = {
@@ -187,6 +187,7 @@ def run_relay(args: dict[str, Any]) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             urls = await nursery.start(partial(server.serve, install_signal_handlers=True))
+            tune_gc_for_serving()  # as `relay-trio run` does
             ring = relay.hub.ring
             emit(
                 "READY",

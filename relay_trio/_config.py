@@ -8,6 +8,7 @@ Every field ``some_name`` is set by the flag ``--some-name``, the environment va
 from __future__ import annotations
 
 import math
+import resource
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -22,6 +23,12 @@ STORE_SYNC: Final = ("normal", "full", "off")
 MIB: Final = 1024 * 1024
 #: Share of ``shutdown_timeout`` for the drain; the rest closes streams and stops HTTP.
 DRAIN_SHARE: Final = 0.8
+#: File descriptors the default ``http_max_connections`` leaves for the rest of the process.
+FD_RESERVE_BASE: Final = 64
+#: ... and for each HTTP upstream (its client's connection pool holds up to 64).
+FD_RESERVE_PER_HTTP_UPSTREAM: Final = 64
+#: The default ``http_max_connections`` never goes below this.
+MIN_HTTP_CONNECTIONS: Final = 16
 #: Share of ``shutdown_timeout`` stream connections get to finish their lines.
 RECEIVER_SHARE: Final = 0.1
 
@@ -106,6 +113,21 @@ class RelayConfig:
     write_timeout: float = _opt(
         10.0, "Deadline for one HTTP response/SSE write; a peer that stops reading is dropped."
     )
+    http_max_connections: int | None = _opt(
+        None,
+        "Open HTTP connections at most; beyond it a new connection closes the oldest one not "
+        "serving a request, or is refused. Default: the file-descriptor limit (RLIMIT_NOFILE) "
+        "minus a reserve for upstreams, stores and the stream port, at least 16.",
+        "optint",
+    )
+    http_read_timeout: float = _opt(
+        10.0,
+        "A request head and body must arrive within this many seconds of their first byte "
+        "(of the connection, for the first request), or the connection is closed.",
+    )
+    keep_alive_timeout: float = _opt(
+        75.0, "Close an HTTP keep-alive connection idle for this long between requests."
+    )
     shutdown_flush: str = _opt("sequential", "Flush mode on shutdown: sequential, parallel, none.")
     shutdown_timeout: float = _opt(30.0, "Budget for the whole staged shutdown.")
     ingest_token: str | None = _opt(
@@ -158,6 +180,27 @@ class RelayConfig:
         if self.max_subscribers_per_topic is not None:
             return self.max_subscribers_per_topic
         return self.max_subscribers
+
+    @property
+    def http_fd_reserve(self) -> int:
+        """File descriptors kept out of ``http_max_connections``'s default: a base for the
+        process (listeners, logs, spool and sink files, stores, the event loop), plus
+        the HTTP upstream clients' pools and the stream port's connections."""
+        http_upstreams = sum(
+            1 for url in self.effective_upstreams if url.startswith(("http://", "https://"))
+        )
+        stream = self.stream_max_connections if self.stream_listen else 0
+        return FD_RESERVE_BASE + FD_RESERVE_PER_HTTP_UPSTREAM * http_upstreams + stream
+
+    def effective_http_max_connections(self, nofile: int | None = None) -> int:
+        """The HTTP connection cap: configured, or ``max(16, nofile - http_fd_reserve)``
+        where ``nofile`` defaults to this process's soft RLIMIT_NOFILE."""
+        if self.http_max_connections is not None:
+            return self.http_max_connections
+        if nofile is None:
+            soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            nofile = soft if soft != resource.RLIM_INFINITY else 1 << 20
+        return max(MIN_HTTP_CONNECTIONS, nofile - self.http_fd_reserve)
 
     @property
     def drain_budget(self) -> float:
@@ -339,6 +382,8 @@ def validate(config: RelayConfig) -> None:
         "probe_interval",
         "stream_slot_wait",
         "stream_idle_timeout",
+        "http_read_timeout",
+        "keep_alive_timeout",
     ):
         _require(getattr(c, name) > 0, name, "must be > 0")
     _require(c.coalesce_interval >= 0, "coalesce_interval", "must be >= 0")
@@ -365,6 +410,11 @@ def validate(config: RelayConfig) -> None:
         "stream_max_frame",
     ):
         _require(getattr(c, name) >= 1, name, "must be >= 1")
+    _require(
+        c.http_max_connections is None or c.http_max_connections >= 1,
+        "http_max_connections",
+        "must be >= 1",
+    )
     _require(
         c.effective_max_subscribers_per_topic >= 1, "max_subscribers_per_topic", "must be >= 1"
     )

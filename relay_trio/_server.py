@@ -6,127 +6,122 @@ URLs) through ``task_status.started`` and returns once shutdown has finished.
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
-import os
+import math
 import signal
 from collections.abc import Callable
 from functools import partial
+from typing import Final
 
 import attrs
-import hypercorn.trio
 import trio
 from hypercorn.config import Config as HyperConfig
-from hypercorn.events import Closed, Event, RawData
-from hypercorn.trio import tcp_server
 
 from ._app import create_app
 from ._config import RelayConfig
+from ._hypercorn_patch import (
+    ConnectionTable,
+    FrontDoorPolicy,
+    WriteWatchdog,
+    check_hypercorn_version,
+    serve_http,
+)
 from ._receiver import ReceiverLimits, StreamReceiver, parse_listen
 from ._relay import Relay
 
 log = logging.getLogger("relay_trio")
 
 
-_WATCHDOG_ATTR = "relay_trio_write_watchdog"
+#: errno values of ``accept`` that mean "out of descriptors or kernel memory", not a bug.
+ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: How long the accept loop waits before retrying when descriptors ran out and no
+#: connection could be closed to free one.
+ACCEPT_RETRY: Final = 0.05
+#: At most one capacity log line per this many seconds.
+CAPACITY_LOG_INTERVAL: Final = 10.0
 
 
 @attrs.define(eq=False)
-class WriteWatchdog:
-    """Closes HTTP connections whose current socket write has lasted ``timeout`` seconds.
+class HttpFrontDoor:
+    """Admission of HTTP connections: a cap, and a quiet degradation when it is reached.
 
-    Seed 002: a client that stops reading must not hold a task or the shutdown. Hypercorn's
-    trio worker writes under a shielded cancel scope with no deadline, so neither a
-    cancelled request nor a graceful shutdown can interrupt a write to a peer that never
-    reads. A per-write cancel scope would fix that but costs a deadline registration on
-    every write (measured: ~14% of SSE fan-out time). Instead each write only stamps its
-    start in a dict, and this one task sweeps it every ``timeout / 4`` and closes the
-    socket of any write older than ``timeout``: the blocked ``send_all`` then fails with
-    ``ClosedResourceError`` and hypercorn tears the connection down. A stuck write is
-    cut between ``timeout`` and ``1.25 * timeout`` after it started.
+    Issue 11: trickling clients could hold every descriptor, and ``trio.serve_listeners``
+    then logged a traceback every 100 ms while ``/healthz`` timed out. Here, with
+    ``max_connections`` open, a new connection closes the connection that has waited
+    longest without serving a request (new, trickling a request, or idle keep-alive, as
+    nginx reuses idle connections); when every connection is serving one (SSE streams
+    included) the newcomer is accepted and closed at once (cheap: no task, no parsing).
+    When ``accept`` itself fails for lack of descriptors, the loop frees one the same
+    way, or retries after :data:`ACCEPT_RETRY` seconds: new connections work again as
+    soon as descriptors free up. Either way at most one log line per
+    :data:`CAPACITY_LOG_INTERVAL` seconds, with counts, and never a traceback.
     """
 
-    timeout: float
-    writing: dict[tcp_server.TCPServer, float] = attrs.field(factory=dict)
-    closed: int = 0
+    max_connections: int
+    policy: FrontDoorPolicy
+    refused: int = 0
+    accept_failures: int = 0
+    _logged: tuple[int, int, int] = (0, 0, 0)
+    _next_log: float = -math.inf
 
-    def sweep(self, now: float, *, older_than: float | None = None) -> int:
-        """Close every connection whose write started ``older_than`` (default: ``timeout``)
-        seconds ago or earlier. ``older_than=0`` cuts every write in progress (used when
-        the server is being cancelled anyway). Never blocks."""
-        limit = self.timeout if older_than is None else older_than
-        stuck = [srv for srv, started in self.writing.items() if now - started >= limit]
-        for srv in stuck:
-            del self.writing[srv]
-            socket = getattr(srv.stream, "socket", None)
-            if socket is not None:
-                socket.close()
-        if stuck:
-            self.closed += len(stuck)
-            log.info("closed %d connection(s) whose peer stopped reading", len(stuck))
-        return len(stuck)
+    @property
+    def table(self) -> ConnectionTable:
+        """The open connections."""
+        return self.policy.table
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            await trio.sleep(self.timeout / 4)
-            self.sweep(trio.current_time())
-
-
-def install_write_watchdog() -> None:
-    """Route hypercorn's socket writes through :class:`WriteWatchdog` (idempotent).
-
-    Only servers whose config carries a ``relay_trio_write_watchdog`` are affected; other
-    hypercorn servers in the process keep hypercorn's behaviour.
-    """
-    if getattr(tcp_server.TCPServer, "_relay_trio_watchdog", False):
-        return
-    if not hasattr(tcp_server.TCPServer, "protocol_send"):
-        log.warning("this hypercorn has no TCPServer.protocol_send: HTTP writes have no deadline")
-        return
-    original = tcp_server.TCPServer.protocol_send
-
-    async def protocol_send(self: tcp_server.TCPServer, event: Event) -> None:
-        watchdog: WriteWatchdog | None = getattr(self.config, _WATCHDOG_ATTR, None)
-        if watchdog is None or not isinstance(event, RawData):
-            await original(self, event)
+    def _note_capacity(self, now: float) -> None:
+        """Log the capacity counters, at most once per interval. Never blocks."""
+        if now < self._next_log:
             return
-        # Fast path: a response or SSE chunk almost always fits the socket buffer. One
-        # non-blocking write needs neither the send lock's checkpoint, send_all's
-        # shielded checkpoint nor a watchdog entry (measured on SSE fan-out: ~100 -> ~60 us
-        # per write, CPU 70% -> 43%). Only when nobody else is writing on this connection
-        # (order is kept), and only on plain TCP (TLS keeps hypercorn's path). What does
-        # not fit goes through the slow path below, timed by the watchdog.
-        socket = getattr(self.stream, "socket", None)
-        if socket is not None and not self.send_lock.locked() and event.data:
-            data = event.data
+        self._next_log = now + CAPACITY_LOG_INTERVAL
+        counts = (self.refused, self.table.evicted, self.accept_failures)
+        refused, evicted, failed = (
+            new - old for new, old in zip(counts, self._logged, strict=True)
+        )
+        self._logged = counts
+        log.warning(
+            "HTTP front door full (http_max_connections=%d, %d open): since the last report "
+            "refused %d new connection(s), closed %d waiting connection(s), %d accept(s) "
+            "failed for lack of file descriptors",
+            self.max_connections,
+            len(self.table),
+            refused,
+            evicted,
+            failed,
+        )
+
+    async def accept_loop(
+        self, listener: trio.SocketListener, start: Callable[[trio.SocketStream], None]
+    ) -> None:
+        """Accept connections from ``listener`` until cancelled; ``start`` each admitted one.
+
+        Raises only for ``accept`` errors other than running out of descriptors or memory.
+        """
+        while True:
             try:
-                sent = os.write(socket.fileno(), data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                await self.protocol.handle(Closed())
-                return
-            if sent == len(data):
-                # Still a checkpoint for cancellation, without a scheduler round trip.
-                await trio.lowlevel.checkpoint_if_cancelled()
-                return
-            event = RawData(data=data[sent:])
-        async with self.send_lock:
-            watchdog.writing[self] = trio.current_time()
-            try:
-                with trio.CancelScope(shield=True):
-                    await self.stream.send_all(event.data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await self.protocol.handle(Closed())
-            finally:
-                watchdog.writing.pop(self, None)
-
-    tcp_server.TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
-    tcp_server.TCPServer._relay_trio_watchdog = True  # type: ignore[attr-defined]
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                self.accept_failures += 1
+                freed = self.table.evict_oldest_waiting()
+                self._note_capacity(trio.current_time())
+                if not freed:
+                    await trio.sleep(ACCEPT_RETRY)
+                continue
+            if len(self.table) >= self.max_connections:
+                if not self.table.evict_oldest_waiting():
+                    self.refused += 1
+                    stream.socket.close()
+                    self._note_capacity(trio.current_time())
+                    continue
+                self._note_capacity(trio.current_time())
+            start(stream)
 
 
-def hypercorn_config(config: RelayConfig, watchdog: WriteWatchdog | None = None) -> HyperConfig:
+def hypercorn_config(config: RelayConfig) -> HyperConfig:
     """Hypercorn settings derived from the relay's: bind, limits and timeouts."""
     hyper = HyperConfig()
     hyper.bind = [f"{config.host}:{config.port}"]
@@ -135,17 +130,30 @@ def hypercorn_config(config: RelayConfig, watchdog: WriteWatchdog | None = None)
     hyper.include_server_header = False
     # Header limits: a request head over 64 KiB is refused by h11 before routing.
     hyper.h11_max_incomplete_size = 64 * 1024
-    hyper.keep_alive_timeout = 75
+    hyper.keep_alive_timeout = config.keep_alive_timeout
     # Shutdown closes SSE streams first, so the graceful wait covers only short requests.
     hyper.graceful_timeout = min(5.0, config.shutdown_timeout * 0.15)
-    # No read timeout: an SSE client legitimately sends nothing after its request, and
-    # hypercorn's read timeout would close it. Idle keep-alive connections are bounded by
-    # keep_alive_timeout, and writes by the deadline below.
+    # No per-read timeout: an SSE client legitimately sends nothing after its request.
+    # RelayConnection applies http_read_timeout to requests in progress instead.
     hyper.read_timeout = None
-    if watchdog is not None:
-        setattr(hyper, _WATCHDOG_ATTR, watchdog)
-        install_write_watchdog()
     return hyper
+
+
+def tune_gc_for_serving() -> None:
+    """Process-wide garbage-collector settings for a long-running server (the ``relay-trio
+    run`` entry point calls this once the relay is ready; an embedding application decides
+    for itself). Blocks for one full collection.
+
+    Seed: with many long-lived connections, full GC passes over start-up objects stall the
+    server; freeze what exists now so they are never rescanned. Measured (SSE, 1000
+    subscribers x 100 events/s, 2 cores): with the default (700, 10, 10) the collector ran
+    ~2000 times in 9 s and stalled the loop 2.8 s in total (max 151 ms). A 50k young
+    generation and rare older passes (a full one about hourly at that load) cut it to
+    ~80 ms; p99 ~470 -> ~290 ms.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 @attrs.define(eq=False)
@@ -162,6 +170,16 @@ class RelayServer:
         init=False,
         default=attrs.Factory(
             lambda self: WriteWatchdog(self.config.write_timeout), takes_self=True
+        ),
+    )
+    front_door: HttpFrontDoor = attrs.field(
+        init=False,
+        default=attrs.Factory(
+            lambda self: HttpFrontDoor(
+                self.config.effective_http_max_connections(),
+                FrontDoorPolicy(self.config.http_read_timeout, self.watchdog),
+            ),
+            takes_self=True,
         ),
     )
     exit_reason: str = attrs.field(init=False, default="")
@@ -193,6 +211,7 @@ class RelayServer:
         ``system`` ``shutdown`` event to every SSE subscriber, stop HTTP, cancel the rest.
         A second signal cancels at once.
         """
+        check_hypercorn_version()
         relay = self.relay
         app = create_app(relay)
         http_stopped = trio.Event()
@@ -208,30 +227,23 @@ class RelayServer:
                 await root.start(relay.run)
                 http_done = trio.Event()
 
-                async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
                     try:
-                        await hypercorn.trio.serve(
+                        await serve_http(
                             app,
-                            hypercorn_config(self.config, watchdog),
+                            hypercorn_config(self.config),
+                            self.front_door.policy,
+                            self.front_door.accept_loop,
                             shutdown_trigger=http_stopped.wait,
                             task_status=task_status,
                         )
                     finally:
                         http_done.set()
 
-                binds: list[str] = await root.start(serve_http)
+                binds: list[str] = await root.start(run_http)
                 self.urls = list(binds)
                 if self.receiver is not None:
                     await root.start(self.receiver.run)
-                # Seed: with many long-lived connections, full GC passes over start-up objects
-                # stall the server; freeze what exists now so they are never rescanned.
-                gc.collect()
-                gc.freeze()
-                # Measured (SSE, 1000 subscribers x 100 events/s, 2 cores): with the default
-                # (700, 10, 10) the collector ran ~2000 times in 9 s and stalled the loop
-                # 2.8 s in total (max 151 ms). A 50k young generation and rare older passes
-                # (a full one about hourly at that load) cut it to ~80 ms; p99 ~470 -> ~290 ms.
-                gc.set_threshold(50_000, 20, 100)
                 task_status.started(self.urls)
                 await relay.shutdown_requested.wait()
                 self.exit_reason = relay.shutdown_reason
@@ -267,12 +279,17 @@ class RelayServer:
 
 
 def run_forever(config: RelayConfig, announce: Callable[[str], None]) -> None:
-    """Run a relay in this thread until it shuts down (the ``relay-trio run`` command)."""
+    """Run a relay in this thread until it shuts down (the ``relay-trio run`` command).
+
+    Tunes the process's garbage collector once the relay is ready
+    (:func:`tune_gc_for_serving`); :meth:`RelayServer.serve` alone leaves it alone.
+    """
 
     async def main() -> None:
         server = RelayServer(config)
         async with trio.open_nursery() as nursery:
             urls = await nursery.start(partial(server.serve, install_signal_handlers=True))
+            tune_gc_for_serving()
             announce(f"listening on {urls[0]}")
         announce(f"stopped ({server.exit_reason or 'done'})")
 
