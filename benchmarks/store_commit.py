@@ -19,6 +19,7 @@ This is a measuring tool, not product code: it reads the wall clock (``perf_coun
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sqlite3
@@ -101,7 +102,13 @@ async def _tasks_phase(store: SqliteStore, items: list[Changes], tasks: int) -> 
 
 
 def bench_async(
-    path: Path, sync: SyncMode, batch: int, admits: list[Changes], acks: list[Changes], tasks: bool
+    path: Path,
+    sync: SyncMode,
+    batch: int,
+    admits: list[Changes],
+    acks: list[Changes],
+    *,
+    tasks: bool,
 ) -> dict[str, float]:
     out: dict[str, float] = {}
 
@@ -138,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     modes: list[tuple[str, Callable[..., dict[str, float]]]] = [
         ("core", bench_core),
-        ("store", lambda *a: bench_async(*a, tasks=False)),
-        ("tasks", lambda *a: bench_async(*a, tasks=True)),
+        ("store", functools.partial(bench_async, tasks=False)),
+        ("tasks", functools.partial(bench_async, tasks=True)),
     ]
     print(
         f"sqlite {sqlite3.sqlite_version}, python {platform.python_version()}, "
