@@ -425,7 +425,9 @@ class SqliteFile:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
+        except Exception as exc:
+            # sqlite3.Error, or a value SQLite cannot hold (OverflowError for an int beyond 64
+            # bits): the whole batch is rolled back and fails; the writer itself keeps going.
             raise StoreError(f"commit to {self.path} failed: {exc}") from None
         # Committed: only now does the in-memory view move.
         self._meta = meta
@@ -637,9 +639,13 @@ class SqliteStore:
         except StoreError as exc:
             self._finish(batch, exc)
             return
+        except trio.Cancelled:
+            # Only possible before the thread took the batch (the call is not abandonable):
+            # put it back first in line for the shielded flush in run().
+            self._staged.appendleft(batch)
+            raise
         except BaseException:
-            # Cancelled before the thread took it (it is not abandonable once running) or a
-            # bug: never leave a waiter hanging.
+            # A bug: never leave a waiter hanging.
             self._finish(batch, StoreError(f"commit to {self.path} did not run"))
             raise
         finally:
