@@ -431,6 +431,12 @@ class SqliteAgainstMemory(RuleBasedStateMachine):
     def delete_message(self, mid: str) -> None:
         self.current.delete_message(mid)
 
+    @rule(mid=st.sampled_from(MIDS), attempts=attempts_st, due_at=st.none() | TIMES)
+    def update_message(
+        self, mid: str, attempts: tuple[AttemptRecord, ...], due_at: float | None
+    ) -> None:
+        self.current.update_message(mid, attempts, due_at)
+
     @rule(d=dead_st())
     def dead_letter(self, d: DeadLetterRecord) -> None:
         self.current.dead_letter(d)
