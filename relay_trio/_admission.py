@@ -94,7 +94,11 @@ class Admission:
         # the caller (503), decided before anything is committed.
         seq = state.seq + 1
         message_id = f"{rid}:{seq}"
-        superseded = self.delivery.enqueue(message_id, state, report.kind, report.payload, now)
+        router = self.delivery.router
+        upstream = router.pick(rid) or 0
+        superseded = self.delivery.enqueue(
+            message_id, state, report.kind, report.payload, upstream=upstream, now=now
+        )
         if superseded is False:
             m.rejected["overloaded"].inc()
             return Problem(503, "overloaded", "Send queue is full", retry_after=1.0)
@@ -112,6 +116,7 @@ class Admission:
             kind=report.kind,
             payload=report.payload,
             superseded=superseded,
+            upstream=router.urls[upstream],
             now=now,
         )
         m.reports_admitted.inc()
@@ -155,6 +160,7 @@ class Admission:
         kind: str | None,
         payload: Any,
         superseded: str | bool | None,
+        upstream: str,
         now: float,
     ) -> None:
         offset = self.wall_clock() - now
@@ -169,9 +175,7 @@ class Admission:
                 kind=kind,
                 payload_json=orjson.dumps(payload),
                 admitted_at=now + offset,
-                upstream=self.delivery.router.urls[
-                    self.delivery.router.pick(state.resource_id) or 0
-                ],
+                upstream=upstream,
             )
         )
         self._ticket = self.store.stage(changes)

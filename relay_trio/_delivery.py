@@ -121,15 +121,21 @@ class Delivery:
     # -- entry points ----------------------------------------------------------------------
 
     def enqueue(
-        self, message_id: str, state: ResourceState, kind: str | None, payload: Any, now: float
-    ) -> str | bool | None:
-        """Hand a newly admitted message to the senders (first attempt) and track it.
+        self,
+        message_id: str,
+        state: ResourceState,
+        kind: str | None,
+        payload: Any,
+        *,
+        upstream: int,
+        now: float,
+    ) -> str | None | bool:
+        """Hand a newly admitted message to the senders (first attempt, to upstream index
+        ``upstream``) and track it.
 
         Returns ``False`` when the send channel is full (nothing changed: the caller answers
         503), else the id of the pending message it superseded (or ``None``). Never blocks.
         """
-        upstream = self.router.pick(state.resource_id)
-        assert upstream is not None
         try:
             self._send_tx.send_nowait(
                 Outbound(message_id, state.resource_id, kind, payload, 1, upstream)

@@ -73,17 +73,14 @@ async def redrive(
         )
         changes.delete_dead_letters([dead.message_id])
         changes.put_message(
-            attrs.evolve(
-                message_record(
-                    dead.message_id,
-                    state,
-                    kind=dead.kind,
-                    payload_json=dead.payload,
-                    admitted_at=now + offset,
-                    upstream=dead.upstream,
-                ),
-                seq=dead.seq,
-            )
+            message_record(
+                dead.message_id,
+                state,
+                kind=dead.kind,
+                payload_json=dead.payload,
+                admitted_at=now + offset,
+                upstream=dead.upstream,
+            )._replace(seq=dead.seq)
         )
         events.publish(
             "deadletter",

@@ -69,28 +69,30 @@ class AttemptRecord:
     detail: str
 
 
-@attrs.frozen
-class MessageRecord:
-    """An admitted report the relay still owes to the upstream."""
+class MessageRecord(NamedTuple):
+    """An admitted report the relay still owes to the upstream.
+
+    A named tuple, not an attrs class: one is built per admitted report, on the hot path
+    (measured: 0.4 us against 2 us for a frozen attrs class)."""
 
     message_id: str
     resource_id: str
     seq: int
     kind: str | None
+    #: The report payload, JSON-encoded.
     payload: bytes
-    """The report payload, JSON-encoded."""
     admitted_at: float
     attempts: tuple[AttemptRecord, ...]
+    #: Next deadline (retry or ACK timeout), wall clock; ``None`` while not armed.
     due_at: float | None
-    """Next deadline (retry or ACK timeout), wall clock; ``None`` while not armed."""
     upstream: str
+    #: Opaque JSON for later features (trace context); stored and returned as is.
     meta: bytes = b""
-    """Opaque JSON for later features (trace context); stored and returned as is."""
 
 
-@attrs.frozen
-class ResourceRecord:
-    """Per-resource state: message sequence and leaky-bucket state."""
+class ResourceRecord(NamedTuple):
+    """Per-resource state: message sequence and leaky-bucket state (a named tuple: one is
+    built per admitted report)."""
 
     resource_id: str
     seq: int

@@ -108,8 +108,8 @@ class MemoryStore:
             elif isinstance(op, UpdateMessage):
                 old = self.messages.get(op.message_id)
                 if old is not None:
-                    self.messages[op.message_id] = attrs.evolve(
-                        old, attempts=op.attempts, due_at=op.due_at
+                    self.messages[op.message_id] = old._replace(
+                        attempts=op.attempts, due_at=op.due_at
                     )
             elif isinstance(op, DeleteResource):
                 self.resources.pop(op.resource_id, None)

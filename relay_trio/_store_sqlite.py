@@ -365,9 +365,7 @@ class SqliteFile:
                     if mid in messages:
                         written = messages[mid]
                         if written is not None:
-                            messages[mid] = attrs.evolve(
-                                written, attempts=op.attempts, due_at=op.due_at
-                            )
+                            messages[mid] = written._replace(attempts=op.attempts, due_at=op.due_at)
                     else:
                         updates[mid] = (attempts_to_json(op.attempts), op.due_at, mid)
                 elif isinstance(op, ResourceRecord):
