@@ -129,7 +129,7 @@ class Delivery:
         *,
         upstream: int,
         now: float,
-    ) -> str | None | bool:
+    ) -> str | bool | None:
         """Hand a newly admitted message to the senders (first attempt, to upstream index
         ``upstream``) and track it.
 
