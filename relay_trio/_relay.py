@@ -31,7 +31,14 @@ from ._model import RESOURCE_ID_RE, Accepted, Problem, validate_report
 from ._ratelimit import LeakyBucket
 from ._resources import ResourceState, ResourceTable
 from ._scheduler import DeadlineScheduler
-from ._sender import Outbound, SenderPool, SendResult, SendStatus, Upstream, open_upstream
+from ._sender import (
+    Outbound,
+    SenderPool,
+    SendResult,
+    SendStatus,
+    Upstream,
+    upstream_builder,
+)
 from ._sidequeue import SideQueue, build_sinks
 from ._spool import DeadLetterSpool
 from ._umh import AckOutcome, DeadLetter, Due, RetryPolicy, UnconfirmedMessages
@@ -71,7 +78,14 @@ class Relay:
     metrics: RelayMetrics = attrs.field(factory=RelayMetrics)
     #: Builds the client for each upstream URL (tests inject in-memory upstreams).
     upstream_factory: Callable[[str, float], Upstream] = attrs.field(
-        default=lambda url, deadline: open_upstream(url, timeout=deadline)
+        default=attrs.Factory(
+            lambda self: upstream_builder(
+                concurrency=self.config.upstream_concurrency,
+                max_response_bytes=self.config.upstream_max_response_bytes,
+                wall_clock=self.wall_clock,
+            ),
+            takes_self=True,
+        )
     )
 
     bucket: LeakyBucket = attrs.field(init=False)
@@ -271,7 +285,9 @@ class Relay:
                     url = router.urls[index]
                     log.warning("upstream %s marked down after repeated failures", url)
                     self.publish("system", {"kind": "upstream_down", "upstream": url})
-                outcome = self.umh.send_failed(message.message_id, now, result.detail)
+                outcome = self.umh.send_failed(
+                    message.message_id, now, result.detail, result.retry_after
+                )
                 if outcome.dead_letter is not None:
                     self._on_dead_letter(outcome.dead_letter)
                 woke = True
