@@ -6,6 +6,7 @@ back to the relay, which hands it to the unconfirmed-message handler like a NACK
 
 from __future__ import annotations
 
+import datetime
 import enum
 import logging
 import math
@@ -187,9 +188,9 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait from an HTTP ``Retry-After`` value, or ``None`` if absent or invalid.
 
     Accepts delta-seconds (``"120"``) or an HTTP-date, read against the wall-clock time
-    ``now`` (a date in the past gives 0). Anything else -- negative or fractional numbers,
-    garbage, a date without a zone that cannot be read -- is ignored (``None``) so the
-    caller falls back to its normal backoff. Pure; never raises.
+    ``now`` (a date in the past gives 0; a date without a zone is GMT, as HTTP-dates are).
+    Anything else -- negative or fractional numbers, garbage -- is ignored (``None``) so
+    the caller falls back to its normal backoff. Pure; never raises.
     """
     if value is None:
         return None
@@ -201,8 +202,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:  # "-0000": RFC 5322's "UTC, zone unknown"
-        return None
+    if when.tzinfo is None:  # "-0000" or an obsolete zone-less format: HTTP-dates are GMT
+        when = when.replace(tzinfo=datetime.UTC)
     try:
         delay = when.timestamp() - now
     except (OverflowError, OSError, ValueError):
@@ -291,6 +292,10 @@ class HttpUpstream:
             and (len(declared) > _MAX_LENGTH_DIGITS or int(declared) > cap)
         ):
             return None
+        if response.is_stream_consumed:
+            # Already in memory (an in-process transport such as httpx.MockTransport).
+            content = response.content
+            return None if len(content) > cap else content
         raw = bytearray()
         chunks = cast(AsyncGenerator[bytes, None], response.aiter_raw())
         async with aclosing(chunks):
