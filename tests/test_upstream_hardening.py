@@ -52,13 +52,16 @@ WALL0 = 1_700_000_000.0
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
 
 
-def http_relay(tmp_path: Path, handler: Handler, **overrides: Any) -> Relay:
-    """A relay whose one upstream is a real :class:`HttpUpstream` over an in-memory transport."""
+def http_relay(
+    tmp_path: Path, handler: Handler, *, concurrency: int = 64, **overrides: Any
+) -> Relay:
+    """A relay whose one upstream is a real :class:`HttpUpstream` over an in-memory
+    transport, allowing ``concurrency`` requests at a time."""
     config = make_config(tmp_path, upstreams=[URL], rate_per_minute=6000, burst=100, **overrides)
 
     def factory(url: str, _deadline: float) -> HttpUpstream:
         client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        return HttpUpstream(url, client, trio.CapacityLimiter(config.upstream_concurrency))
+        return HttpUpstream(url, client, trio.CapacityLimiter(concurrency))
 
     return Relay(config, rng=random.Random(7), upstream_factory=factory)
 
@@ -184,8 +187,10 @@ async def test_retry_after_sets_the_next_attempt_in_virtual_time(  # noqa: PLR09
     )
 
     def factory(url: str, _deadline: float) -> HttpUpstream:
-        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        return HttpUpstream(url, client, wall_clock=lambda: WALL0 + trio.current_time())
+        up = HttpUpstream(url, httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+        if header == "date+90":
+            up.wall_clock = lambda: WALL0 + trio.current_time()
+        return up
 
     relay = Relay(config, upstream_factory=factory)
     async with started(relay):
@@ -294,7 +299,7 @@ async def test_each_hung_request_holds_one_slot_for_send_timeout(
         tmp_path,
         hang_for("stuck", arrivals),
         send_timeout=10,
-        upstream_concurrency=2,
+        concurrency=2,
         sender_tasks=1,
     )
     async with started(relay):
@@ -315,7 +320,9 @@ async def test_hung_upstream_requests_over_real_sockets_hold_nothing_else(
 ) -> None:
     send_timeout = 3.0
     with trio.fail_after(40):
-        behaviour = Behaviour(hang_resources=frozenset({"stuck-0", "stuck-1"}))
+        # More hung resources than sender tasks (8): before, every task ended up stuck.
+        hung = [f"stuck-{i}" for i in range(12)]
+        behaviour = Behaviour(hang_resources=frozenset(hung))
         async with run_fake_upstream(behaviour) as up:
             config = make_config(
                 tmp_path,
@@ -325,7 +332,7 @@ async def test_hung_upstream_requests_over_real_sockets_hold_nothing_else(
                 burst=100,
             )
             async with running_server(config) as (server, client):
-                rids = ["stuck-0", "stuck-1"] + [f"vm-{i}" for i in range(40)]
+                rids = hung + [f"vm-{i}" for i in range(40)]
                 body = b"".join(
                     orjson.dumps({"resource_id": rid, "payload": {"i": i}}) + b"\n"
                     for i, rid in enumerate(rids)
@@ -335,16 +342,27 @@ async def test_hung_upstream_requests_over_real_sockets_hold_nothing_else(
                 assert r.status_code == 200
                 ids = [orjson.loads(line)["message_id"] for line in r.text.splitlines()]
                 umh = server.relay.umh
+                others = ids[len(hung) :]
                 # Every other message is delivered and acknowledged within one send_timeout
                 # of admission (before, each hung request held the rest for send_timeout).
                 with trio.move_on_after(send_timeout):
                     # The UMH has no event to wait on: poll it (bounded by the scope).
-                    while any(umh.state_of(m) is not MessageState.ACKED for m in ids[2:]):  # noqa: ASYNC110
+                    while any(umh.state_of(m) is not MessageState.ACKED for m in others):  # noqa: ASYNC110
                         await trio.sleep(0.01)
                 assert trio.current_time() - admitted_at < send_timeout
                 received = {r.body["message_id"]: r.at for r in up.received}
-                assert all(received[m] - admitted_at < send_timeout for m in ids[2:])
-                assert [umh.state_of(m) for m in ids[:2]] == [MessageState.PENDING] * 2
+                assert all(received[m] - admitted_at < send_timeout for m in others)
+                assert {umh.state_of(m) for m in ids[: len(hung)]} == {MessageState.PENDING}
+
+
+async def test_the_settings_reach_the_http_upstream(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path, upstreams=[URL], upstream_concurrency=5, upstream_max_response_bytes=100
+    )
+    (up,) = Relay(config).upstreams
+    assert isinstance(up, HttpUpstream)
+    assert (up.limiter.total_tokens, up.max_response_bytes) == (5, 100)
+    await up.aclose()
 
 
 # -- finding 2: a huge answer --------------------------------------------------------------
@@ -422,10 +440,14 @@ async def test_relay_memory_stays_flat_while_an_upstream_answers_50_mib(tmp_path
                             "/v1/reports", json={"resource_id": f"vm-{i}", "payload": i}
                         )
                         assert r.status_code == 202
-                    await up.wait_received(1 + 30)  # ten first attempts and twenty retries
+                    # Ten first attempts and twenty retries; bounded, so that a relay that
+                    # downloads every answer fails on its memory, not on the clock.
+                    with trio.move_on_after(40):
+                        await up.wait_received(1 + 30)
                     peak = _vm_kib(proc.pid, "VmHWM")
                     grown_mib = (peak - baseline) / 1024
                     assert grown_mib < 20, f"peak RSS grew {grown_mib:.1f} MiB"
+                    assert len(up.received) >= 1 + 30
                     retried = [
                         r.body["attempt"] for r in up.received if r.body["resource_id"] == "vm-0"
                     ]
