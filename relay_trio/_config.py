@@ -71,6 +71,14 @@ class RelayConfig:
     max_resources: int = _opt(100_000, "Cap on tracked resources (LRU eviction beyond).")
     send_timeout: float = _opt(10.0, "Deadline for one send attempt to an upstream.")
     sender_tasks: int = _opt(8, "Number of concurrent sender tasks.")
+    upstream_concurrency: int = _opt(
+        64,
+        "Concurrent requests to one HTTP upstream; a hung request holds one slot for at most send_timeout.",
+    )
+    upstream_max_response_bytes: int = _opt(
+        65536,
+        "Largest HTTP upstream answer read; a longer one is a failed attempt and is not kept.",
+    )
     send_queue_size: int = _opt(10_000, "Bound of the channel between admission and senders.")
     ack_timeout: float = _opt(30.0, "How long a sent message waits for its ACK.")
     retry_base: float = _opt(30.0, "Base of the capped exponential retry backoff.")
@@ -393,6 +401,8 @@ def validate(config: RelayConfig) -> None:
     for name in (
         "max_resources",
         "sender_tasks",
+        "upstream_concurrency",
+        "upstream_max_response_bytes",
         "send_queue_size",
         "max_attempts",
         "max_dead_letters",

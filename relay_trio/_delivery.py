@@ -232,7 +232,9 @@ class Delivery:
                     url = router.urls[index]
                     log.warning("upstream %s marked down after repeated failures", url)
                     self.events.publish("system", {"kind": "upstream_down", "upstream": url})
-                outcome = self.umh.send_failed(message.message_id, now, result.detail)
+                outcome = self.umh.send_failed(
+                    message.message_id, now, result.detail, result.retry_after
+                )
                 if outcome.dead_letter is not None:
                     self._on_dead_letter(outcome.dead_letter, now)
                 elif outcome.kind == "retry":

@@ -39,7 +39,7 @@ from ._publisher import META_EVENT_ID, EventPublisher
 from ._redrive import RedriveRequest, redrive
 from ._resources import ResourceState, ResourceTable
 from ._scheduler import DeadlineScheduler
-from ._sender import SenderPool, Upstream, open_upstream
+from ._sender import SenderPool, Upstream, upstream_builder
 from ._sidequeue import SideQueue, build_sinks
 from ._store import DeadLetterQuery, Recovered, Store
 from ._store_memory import MemoryStore
@@ -76,7 +76,14 @@ class Relay:
     metrics: RelayMetrics = attrs.field(factory=RelayMetrics)
     #: Builds the client for each upstream URL (tests inject in-memory upstreams).
     upstream_factory: Callable[[str, float], Upstream] = attrs.field(
-        default=lambda url, deadline: open_upstream(url, timeout=deadline)
+        default=attrs.Factory(
+            lambda self: upstream_builder(
+                concurrency=self.config.upstream_concurrency,
+                max_response_bytes=self.config.upstream_max_response_bytes,
+                wall_clock=self.wall_clock,
+            ),
+            takes_self=True,
+        )
     )
     store: Store = attrs.field(default=attrs.Factory(lambda self: open_store(self.config), True))
 

@@ -367,9 +367,13 @@ class UnconfirmedMessages:
         if e is not None and e.phase is Phase.IN_FLIGHT:
             self._arm(e, now + self.policy.ack_timeout, Phase.AWAITING_ACK)
 
-    def send_failed(self, message_id: str, now: float, reason: str) -> Outcome:
-        """A send attempt failed: record it and arm a backoff retry, or dead-letter it.
+    def send_failed(
+        self, message_id: str, now: float, reason: str, retry_after: float | None = None
+    ) -> Outcome:
+        """A send attempt failed: record it and arm a retry, or dead-letter it.
 
+        The retry is at ``now + retry_after`` (the upstream's ``Retry-After``, clamped to
+        ``[0, retry_cap]`` exactly like a NACK's) or, without one, ``now + backoff``.
         Dead-letters when attempts reach ``max_attempts`` or the message is ``max_age`` old.
         The message is never dropped silently. ``Outcome("ignored")`` if it is not pending.
         """
@@ -377,7 +381,7 @@ class UnconfirmedMessages:
         if e is None:
             return Outcome("ignored")
         self.send_failures += 1
-        return self._fail(e, now, "send_failed", reason, None)
+        return self._fail(e, now, "send_failed", reason, retry_after)
 
     def ack(self, message_id: str, now: float) -> AckOutcome:
         """Record an upstream ACK.

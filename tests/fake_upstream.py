@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -80,6 +81,14 @@ class Behaviour:
     ``nack_retry_after`` is set) while ``nack_first`` lasts, or nothing at all while
     ``drop_acks_first`` lasts (dropping is decided first). ``sync_ack`` with a callback URL
     gives a synchronous ACK *and* a later duplicate callback (useful for late-ACK tests).
+
+    Hostile upstreams: a POST whose ``resource_id`` is in ``hang_resources`` is recorded
+    and then never answered (until the client leaves or the fake shuts down); failures
+    answer ``fail_status`` (503 by default) with a ``Retry-After: <retry_after>`` header
+    when ``retry_after`` is set (sent verbatim, so invalid values can be tested too); a
+    2xx answer with ``answer_bytes`` set is that many bytes of filler, streamed in 64 KiB
+    chunks and never built in memory, declared by ``Content-Length`` when
+    ``declare_length`` else sent chunked.
     """
 
     fail_first: int = 0
@@ -92,13 +101,20 @@ class Behaviour:
     nack_first: int = 0
     nack_retry_after: float | None = None
     drop_acks_first: int = 0
+    hang_resources: frozenset[str] = frozenset()
+    fail_status: int = 503
+    retry_after: str | None = None
+    answer_bytes: int = 0
+    declare_length: bool = True
 
 
 @attrs.define(eq=False)
 class Received:
     """One ``POST`` as the fake saw it. ``outcome`` is ``"pending"`` while stalled, then
-    one of ``"fail"`` (503), ``"ack"`` (200 sync ACK), ``"accepted"`` (202), ``"bad_request"``
-    (400, body not JSON), ``"disconnected"`` (client left before the answer)."""
+    one of ``"fail"`` (``fail_status``), ``"ack"`` (200 sync ACK), ``"accepted"`` (202),
+    ``"bad_request"`` (400, body not JSON), ``"disconnected"`` (client left before the
+    answer), ``"huge"`` (200 with ``answer_bytes`` of filler; ``"huge_cut"`` once the
+    client hung up before the last byte)."""
 
     body: Any
     outcome: str = "pending"
@@ -257,7 +273,9 @@ class FakeUpstream:
         self.received.append(record)
         self._notify()
         behaviour = self._behaviour
-        if behaviour.stall > 0 and await self._stall(behaviour.stall, receive):
+        resource_id = body.get("resource_id") if isinstance(body, dict) else None
+        stall = math.inf if resource_id in behaviour.hang_resources else behaviour.stall
+        if stall > 0 and await self._stall(stall, receive):
             record.outcome = "disconnected"
             self._notify()
             return
@@ -266,7 +284,16 @@ class FakeUpstream:
         if behaviour.fail_all or self._fail_left > 0:
             if not behaviour.fail_all:
                 self._fail_left -= 1
-            outcome, status, answer = "fail", 503, {"error": "unavailable"}
+            outcome, status, answer = "fail", behaviour.fail_status, {"error": "unavailable"}
+        elif behaviour.answer_bytes:
+            record.outcome, record.status = "huge", 200
+            self._notify()
+            if not await _respond_huge(
+                send, receive, behaviour.answer_bytes, behaviour.declare_length
+            ):
+                record.outcome = "huge_cut"
+                self._notify()
+            return
         elif behaviour.sync_ack:
             outcome, status, answer = "ack", 200, {"ack": True}
         else:
@@ -274,7 +301,10 @@ class FakeUpstream:
         # Recorded before answering: a client that saw the answer must find it recorded.
         record.outcome, record.status = outcome, status
         self._notify()
-        await _respond(send, status, answer)
+        headers = []
+        if status >= 300 and behaviour.retry_after is not None:
+            headers.append((b"retry-after", behaviour.retry_after.encode()))
+        await _respond(send, status, answer, headers)
         # After teardown began (a stall released by exit) the callback nursery is closed.
         if status < 300 and behaviour.ack_callback_url is not None and not self._closing.is_set():
             self._schedule_callback(behaviour, body)
@@ -328,7 +358,9 @@ async def _read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _respond(send: Send, status: int, body: Any) -> None:
+async def _respond(
+    send: Send, status: int, body: Any, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     data = orjson.dumps(body)
     await send(
         {
@@ -337,10 +369,41 @@ async def _respond(send: Send, status: int, body: Any) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(data)).encode()),
+                *(extra_headers or []),
             ],
         }
     )
     await send({"type": "http.response.body", "body": data})
+
+
+#: One chunk of a huge answer, shared: streaming N bytes costs one chunk of memory.
+_FILLER: Final = b" " * (64 * 1024)
+
+
+async def _respond_huge(send: Send, receive: Receive, size: int, declare_length: bool) -> bool:
+    """Stream ``size`` bytes of filler as a 200. ``False`` if the client left first (the
+    rest is then not sent)."""
+    headers = [(b"content-type", b"application/json")]
+    if declare_length:
+        headers.append((b"content-length", str(size).encode()))
+    gone = False
+
+    async def watch_disconnect() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_disconnect)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        left = size
+        while left > 0 and not gone:
+            chunk = _FILLER if left >= len(_FILLER) else _FILLER[:left]
+            left -= len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": left > 0})
+        nursery.cancel_scope.cancel()
+    return left == 0
 
 
 @asynccontextmanager

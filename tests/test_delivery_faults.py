@@ -29,6 +29,9 @@ def fast_retry_config(tmp_path: Path, urls: list[str], **overrides: object) -> d
         "send_timeout": 2,
         "probe_interval": 0.1,
         "send_queue_size": 20000,
+        # The fakes run in this process and share its CPU with the relay: with 3 x 64
+        # requests in flight, a 2 s send_timeout would measure the test machine's load.
+        "upstream_concurrency": 8,
     }
     base.update(overrides)
     return base
