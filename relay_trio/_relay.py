@@ -269,7 +269,11 @@ class Relay:
             if status is SendStatus.FAILED:
                 if router.record_failure(index, now):
                     url = router.urls[index]
-                    log.warning("upstream %s marked down after repeated failures", url)
+                    log.warning(
+                        "upstream %s marked down after repeated failures",
+                        url,
+                        extra={"upstream": url},
+                    )
                     self.publish("system", {"kind": "upstream_down", "upstream": url})
                 outcome = self.umh.send_failed(message.message_id, now, result.detail)
                 if outcome.dead_letter is not None:
@@ -394,7 +398,12 @@ class Relay:
                 state.awaiting_ack_since = None
         reason = dead.reason if dead.reason in self.metrics.dead_letters else "max_attempts"
         self.metrics.dead_letters[reason].inc()
-        log.warning("dead letter %s (%s)", dead.message_id, dead.reason)
+        log.warning(
+            "dead letter %s (%s)",
+            dead.message_id,
+            dead.reason,
+            extra={"message_id": dead.message_id, "resource_id": dead.resource_id},
+        )
         if self.draining:
             self._check_settled()
         payload = state.payload if state is not None else None
