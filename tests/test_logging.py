@@ -76,11 +76,9 @@ async def test_json_logs_parse_name_the_ids_and_hide_tokens_and_payloads(tmp_pat
             read = {"Authorization": f"Bearer {TOKENS['RELAY_TRIO_READ_TOKEN']}"}
             with trio.fail_after(20):
                 # Polling over HTTP: the state lives in another process.
-                while (
-                    not (await client.get("/v1/deadletters", headers=read)).json()[  # noqa: ASYNC110
-                        "dead_letters"
-                    ]
-                ):
+                page: dict[str, list[object]] = {"dead_letters": []}
+                while not page["dead_letters"]:
+                    page = (await client.get("/v1/deadletters", headers=read)).json()
                     await trio.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
