@@ -208,7 +208,9 @@
   async function fetchDeadLetters() {
     dlWanted = false;
     for (let page = 0; page < 20; page++) {
-      const q = '/v1/deadletters?limit=1000&after=' + dlCursor;
+      // `after`/`next_after` (in-memory list) and `cursor`/`next_cursor` (store) both page
+      // by the dead letter's index; each server ignores the other's parameter.
+      const q = '/v1/deadletters?limit=1000&after=' + dlCursor + '&cursor=' + dlCursor;
       let r;
       try { r = await fetch(q, { headers: headers(), cache: 'no-store' }); } catch (_) { return; }
       if (!r.ok) return;
@@ -217,9 +219,12 @@
       for (const d of items) deadLetters.unshift(d);
       if (deadLetters.length > DL_SHOW) deadLetters.length = DL_SHOW;
       dlTotalSeen += items.length;
-      const next = body.next_after !== undefined ? body.next_after : body.next_cursor;
-      if (!items.length || next === null || next === undefined || next === dlCursor) break;
-      dlCursor = next;
+      const before = dlCursor;
+      const lastIndex = items.length ? items[items.length - 1].index : undefined;
+      if (typeof lastIndex === 'number') dlCursor = lastIndex;
+      else if (typeof body.next_after === 'number') dlCursor = body.next_after;
+      const more = body.next_cursor !== undefined ? body.next_cursor !== null : items.length > 0;
+      if (!items.length || !more || dlCursor === before) break;
     }
     if (status && status.gauges) dlTotalSeen = status.gauges.dead_letters_kept || 0;
     drawDeadLetters();
