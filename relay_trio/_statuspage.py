@@ -25,7 +25,7 @@ STATUS_PAGE: Final = b"""<!doctype html>
 <link rel="stylesheet" href="/static/statuspage.css">
 </head><body>
 <header><h1>relay-trio</h1><span id="state">connecting&hellip;</span><span id="meta"></span></header>
-<form id="auth" autocomplete="off"><p id="auth-msg"></p>
+<form id="auth" autocomplete="off" hidden><p id="auth-msg"></p>
 <input id="auth-token" type="password" placeholder="read token" aria-label="read token">
 <button type="submit">Connect</button></form>
 <section class="tiles" id="tiles"></section>

@@ -63,7 +63,7 @@
     $('auth-msg').textContent = httpStatus === 403
       ? 'That read token was refused. Enter the read token:'
       : 'This relay requires a read token:';
-    $('auth').classList.add('shown');
+    $('auth').hidden = false;
     setState('locked', 'read token required');
     return new Promise((resolve) => tokenWaiters.push(resolve));
   }
@@ -71,7 +71,7 @@
     ev.preventDefault();
     token = $('auth-token').value.trim() || null;
     if (token) sessionStorage.setItem(TOKEN_KEY, token); else sessionStorage.removeItem(TOKEN_KEY);
-    $('auth').classList.remove('shown');
+    $('auth').hidden = true;
     const waiters = tokenWaiters; tokenWaiters = [];
     waiters.forEach((w) => w());
   });
