@@ -26,7 +26,7 @@ from ._openapi import openapi_document
 from ._ratelimit import retry_after_header
 from ._redrive import RedriveRequest
 from ._relay import Relay
-from ._statuspage import STATUS_PAGE
+from ._statuspage import STATUS_PAGE, static_assets
 from ._store import DeadLetterQuery, StoreError
 
 log = logging.getLogger("relay_trio.http")
@@ -87,7 +87,8 @@ def decode_json(body: bytes) -> object | Problem:
 def create_app(relay: Relay) -> QuartTrio:
     """The quart-trio application serving ``relay``'s HTTP API (v1)."""
     config = relay.config
-    app = QuartTrio("relay_trio")
+    # static_folder=None: assets are served from memory by the /static route below.
+    app = QuartTrio("relay_trio", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max(config.max_body_bytes, config.batch_max_bytes)
     app.config["BODY_TIMEOUT"] = 30
     app.config["RESPONSE_TIMEOUT"] = 60
@@ -396,6 +397,17 @@ def create_app(relay: Relay) -> QuartTrio:
     @app.get("/")
     async def index() -> Response:
         return Response(STATUS_PAGE, status=200, content_type="text/html; charset=utf-8")
+
+    assets = static_assets()
+
+    @app.get("/static/<name>", endpoint="static")
+    async def static_asset(name: str) -> Response:
+        asset = assets.get(name)
+        if asset is None:
+            return problem_response(Problem(404, "not-found", "Not Found", "no such asset"))
+        response = Response(asset[0], status=200, content_type=asset[1])
+        response.headers["Cache-Control"] = "public, max-age=3600"
+        return response
 
     return app
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 from typing import Any, TypeVar
@@ -12,6 +11,21 @@ import click
 
 from ._cli_deadletters import deadletters
 from ._config import ConfigError, RelayConfig, config_fields, field_kind, load_config
+
+
+class ConfigText(click.types.StringParamType):
+    """A setting's text as given on the command line, shown in ``--help`` as its type.
+
+    The text is handed to :func:`load_config` unparsed, so a flag is parsed by the same
+    code as the environment and the TOML file (one parser cannot drift from another), and
+    a bad value gets the same one-line error.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+_METAVARS = {"int": "integer", "optint": "integer", "float": "float", "optfloat": "float"}
 
 
 def _config_options(func: Any) -> Any:
@@ -27,8 +41,13 @@ def _config_options(func: Any) -> Any:
                 func
             )
         else:
+            shown = "unset" if f.default is None else f.default
             func = click.option(
-                flag, f.name, default=None, help=f"{help_text} [default: {f.default}]"
+                flag,
+                f.name,
+                type=ConfigText(_METAVARS.get(kind, "text")),
+                default=None,
+                help=f"{help_text} [default: {shown}]",
             )(func)
     return func
 
@@ -64,10 +83,11 @@ def main() -> None:
 def run(config_file: str | None, **flags: Any) -> None:
     """Run the relay until SIGTERM/SIGINT (or POST /admin/shutdown)."""
     config = build_config(config_file, flags)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    from ._logging import configure_logging
+
+    secrets = (config.ingest_token, config.ack_token, config.admin_token, config.read_token)
+    configure_logging(
+        config.log_level, config.log_format, sys.stderr, [s for s in secrets if s is not None]
     )
     from ._server import run_forever
     from ._store import StoreError
@@ -104,12 +124,21 @@ main.add_command(deadletters)
 
 @main.command("config")
 @config_file_option
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Only validate: print one line and exit 0, or the error and exit 2.",
+)
 @_config_options
-def show_config(config_file: str | None, **flags: Any) -> None:
+def show_config(config_file: str | None, check: bool, **flags: Any) -> None:
     """Print the effective configuration (tokens shown as set/unset) as JSON."""
     import orjson
 
     config = build_config(config_file, flags)
+    if check:
+        where = config_file or os.environ.get("RELAY_TRIO_CONFIG")
+        click.echo(f"relay-trio: configuration OK{f' ({where})' if where else ''}")
+        return
     click.echo(orjson.dumps(config.summary(), option=orjson.OPT_INDENT_2).decode())
 
 

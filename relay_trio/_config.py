@@ -34,11 +34,17 @@ RECEIVER_SHARE: Final = 0.1
 
 
 class ConfigError(ValueError):
-    """A setting has an invalid value. ``str()`` is one line naming the setting."""
+    """A setting has an invalid value, or settings the user chose cannot fit together.
 
-    def __init__(self, setting: str, message: str) -> None:
-        super().__init__(f"invalid setting {setting}: {message}")
+    ``str()`` is one line naming the setting(s); ``setting`` is the first of ``settings``.
+    """
+
+    def __init__(self, setting: str, message: str, *others: str) -> None:
+        names = (setting, *others)
+        label = f"setting {setting}" if not others else "settings " + " and ".join(names)
+        super().__init__(f"invalid {label}: {message}")
         self.setting = setting
+        self.settings = names
 
 
 def _opt(default: Any, help: str, kind: str = "", **kw: Any) -> Any:
@@ -69,7 +75,11 @@ class RelayConfig:
     )
     resource_ttl: float = _opt(14400.0, "Evict a resource idle for this long.")
     max_resources: int = _opt(100_000, "Cap on tracked resources (LRU eviction beyond).")
-    send_timeout: float = _opt(10.0, "Deadline for one send attempt to an upstream.")
+    send_timeout: float = _opt(
+        10.0,
+        "Deadline for one send attempt to an upstream. Unset: 10, or less to fit a "
+        "shutdown_timeout you set.",
+    )
     sender_tasks: int = _opt(8, "Number of concurrent sender tasks.")
     upstream_concurrency: int = _opt(
         64,
@@ -119,7 +129,9 @@ class RelayConfig:
     )
     coalesce_interval: float = _opt(0.025, "Minimum seconds between SSE fan-out writes under load.")
     write_timeout: float = _opt(
-        10.0, "Deadline for one HTTP response/SSE write; a peer that stops reading is dropped."
+        10.0,
+        "Deadline for one HTTP response/SSE write; a peer that stops reading is dropped. "
+        "Unset: 10, or half a shutdown_timeout you set if less.",
     )
     http_max_connections: int | None = _opt(
         None,
@@ -137,7 +149,11 @@ class RelayConfig:
         75.0, "Close an HTTP keep-alive connection idle for this long between requests."
     )
     shutdown_flush: str = _opt("sequential", "Flush mode on shutdown: sequential, parallel, none.")
-    shutdown_timeout: float = _opt(30.0, "Budget for the whole staged shutdown.")
+    shutdown_timeout: float = _opt(
+        30.0,
+        "Budget for the whole staged shutdown. Unset: 30, or more to hold the send_timeout, "
+        "write_timeout and flush you set.",
+    )
     ingest_token: str | None = _opt(
         None, "Bearer token for report ingest (@FILE reads a file).", "secret"
     )
@@ -167,6 +183,17 @@ class RelayConfig:
     stream_idle_timeout: float = _opt(10.0, "Idle read deadline per stream connection.")
     stream_max_frame: int = _opt(16 * MIB, "Largest stream line (report) in bytes.")
     log_level: str = _opt("info", "Log level: debug, info, warning, error.")
+    log_format: str = _opt(
+        "text",
+        "Log format: text, or json (one object per line: time, level, logger, message, ids).",
+    )
+    #: Names of the settings given by flag, environment or file (not defaults or derived).
+    explicit: frozenset[str] = attrs.field(
+        default=frozenset(),
+        eq=False,
+        repr=False,
+        metadata={"help": "Settings the user gave explicitly.", "kind": "internal"},
+    )
 
     @property
     def effective_upstreams(self) -> tuple[str, ...]:
@@ -237,7 +264,7 @@ class RelayConfig:
     def summary(self) -> dict[str, Any]:
         """The settings as JSON-ready values, with every token replaced by ``set``/``unset``."""
         out: dict[str, Any] = {}
-        for f in attrs.fields(RelayConfig):
+        for f in config_fields():
             value = getattr(self, f.name)
             if f.metadata["kind"] == "secret":
                 value = "set" if value else "unset"
@@ -249,7 +276,9 @@ class RelayConfig:
 
 def config_fields() -> Iterator[attrs.Attribute[Any]]:
     """The configuration fields in declaration order (for the CLI and the docs)."""
-    yield from attrs.fields(RelayConfig)
+    for f in attrs.fields(RelayConfig):
+        if f.metadata["kind"] != "internal":
+            yield f
 
 
 def field_kind(f: attrs.Attribute[Any]) -> str:
@@ -331,7 +360,7 @@ def load_config(
     not given). Raises :class:`ConfigError` naming the first bad setting; never returns an
     invalid configuration.
     """
-    by_name = {f.name: f for f in attrs.fields(RelayConfig)}
+    by_name = {f.name: f for f in config_fields()}
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
@@ -355,9 +384,53 @@ def load_config(
     for name, f in by_name.items():
         if field_kind(f) == "secret" and name in values:
             values[name] = _read_secret(name, values[name])
-    config = RelayConfig(**values)
+    config = derive_defaults(RelayConfig(**values, explicit=frozenset(values)))
     validate(config)
     return config
+
+
+#: Defaults of the settings :func:`derive_defaults` may lower to fit the shutdown budget.
+_DEFAULT_WRITE_TIMEOUT: Final = 10.0
+_DEFAULT_SEND_TIMEOUT: Final = 10.0
+_DEFAULT_SHUTDOWN_TIMEOUT: Final = 30.0
+
+
+def _flush_rounds(config: RelayConfig) -> int:
+    """Send rounds the shutdown flush may take: one per upstream when sequential."""
+    return {"sequential": len(config.effective_upstreams), "parallel": 1}.get(
+        config.shutdown_flush, 0
+    )
+
+
+def derive_defaults(config: RelayConfig) -> RelayConfig:
+    """Fit the defaults of unset settings around the ones the user set.
+
+    Seed 002 nests the budgets: ``shutdown_timeout`` must hold ``write_timeout`` and the
+    drain (``send_timeout`` x (1 + flush rounds) plus the receiver's share). When the
+    user sets ``shutdown_timeout``, unset ``write_timeout`` (half of it, at most 10 s) and
+    ``send_timeout`` (what the drain budget allows, at most 10 s) shrink to fit; when the
+    user does not, ``shutdown_timeout`` grows from 30 s to hold the others. Values the user
+    set are never changed: if those cannot fit, :func:`validate` names them.
+    """
+    given = config.explicit
+    changes: dict[str, Any] = {}
+    if "shutdown_timeout" in given:
+        budget = config.shutdown_timeout
+        if "write_timeout" not in given:
+            changes["write_timeout"] = min(_DEFAULT_WRITE_TIMEOUT, budget / 2)
+        if "send_timeout" not in given:
+            receiver = config.receiver_drain_budget if config.stream_listen else 0.0
+            fit = (config.drain_budget - receiver) / (1 + _flush_rounds(config))
+            changes["send_timeout"] = min(_DEFAULT_SEND_TIMEOUT, fit, budget / 2)
+    else:
+        receiver = config.stream_idle_timeout if config.stream_listen else 0.0
+        drain = receiver + config.send_timeout * (1 + _flush_rounds(config))
+        # The write watchdog cuts a stuck write up to 1.25 x write_timeout after it started.
+        required = max(drain / DRAIN_SHARE, config.write_timeout * 1.25, config.send_timeout * 1.25)
+        if required >= _DEFAULT_SHUTDOWN_TIMEOUT:
+            changes["shutdown_timeout"] = float(math.floor(required) + 1)
+    positive = {k: v for k, v in changes.items() if math.isfinite(v) and v > 0}
+    return attrs.evolve(config, **positive) if positive else config
 
 
 def _require(ok: bool, setting: str, message: str) -> None:
@@ -368,7 +441,7 @@ def _require(ok: bool, setting: str, message: str) -> None:
 def validate(config: RelayConfig) -> None:
     """Check ranges and budgets that must fit together. Raises :class:`ConfigError`."""
     c = config
-    for f in attrs.fields(RelayConfig):
+    for f in config_fields():
         value = getattr(c, f.name)
         if isinstance(value, float):
             _require(math.isfinite(value), f.name, "must be a finite number")
@@ -441,6 +514,7 @@ def validate(config: RelayConfig) -> None:
         "log_level",
         "must be debug, info, warning or error",
     )
+    _require(c.log_format in ("text", "json"), "log_format", "must be text or json")
     for url in c.effective_upstreams:
         _require(
             url.startswith(("http://", "https://", "file://")) and len(url) > len("file://"),
@@ -448,24 +522,39 @@ def validate(config: RelayConfig) -> None:
             f"{url!r} must start with http://, https:// or file://",
         )
     # Seed 002: the shutdown budget must contain the budgets it waits on, or a drain
-    # that is "within its deadline" is cut off by the outer one.
-    _require(
+    # that is "within its deadline" is cut off by the outer one. Derived defaults always
+    # fit (derive_defaults), so these name settings the user chose.
+    _require_fit(
+        c,
         c.shutdown_timeout > c.write_timeout,
-        "shutdown_timeout",
-        f"({c.shutdown_timeout}s) must exceed write_timeout ({c.write_timeout}s): "
-        "a write to a client that stopped reading is only cut at its write deadline",
+        "write_timeout",
+        f"shutdown_timeout ({c.shutdown_timeout:g}s) must exceed write_timeout "
+        f"({c.write_timeout:g}s): a write to a client that stopped reading is only cut at its "
+        "write deadline",
     )
-    _require(
+    _require_fit(
+        c,
         c.shutdown_timeout > c.send_timeout,
-        "shutdown_timeout",
-        f"({c.shutdown_timeout}s) must exceed send_timeout ({c.send_timeout}s): "
-        "in-flight sends are drained within it",
+        "send_timeout",
+        f"shutdown_timeout ({c.shutdown_timeout:g}s) must exceed send_timeout "
+        f"({c.send_timeout:g}s): in-flight sends are drained within it",
     )
     needed = c.drain_budget_needed()
-    _require(
+    _require_fit(
+        c,
         c.drain_budget >= needed,
-        "shutdown_timeout",
-        f"({c.shutdown_timeout}s) leaves {c.drain_budget:g}s to drain, but send_timeout "
-        f"({c.send_timeout}s) with shutdown_flush={c.shutdown_flush} over "
+        "send_timeout",
+        f"shutdown_timeout ({c.shutdown_timeout:g}s) leaves {c.drain_budget:g}s to drain, but "
+        f"send_timeout ({c.send_timeout:g}s) with shutdown_flush={c.shutdown_flush} over "
         f"{len(c.effective_upstreams)} upstream(s) needs {needed:g}s",
     )
+
+
+def _require_fit(config: RelayConfig, ok: bool, other: str, message: str) -> None:
+    """A budget check between ``shutdown_timeout`` and ``other``: the error names both
+    when the user set both, else the one the user set (or ``shutdown_timeout``)."""
+    if ok:
+        return
+    given = config.explicit
+    names = [n for n in ("shutdown_timeout", other) if n in given] or ["shutdown_timeout"]
+    raise ConfigError(names[0], message, *names[1:])

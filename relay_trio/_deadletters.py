@@ -87,7 +87,12 @@ class DeadLetterBook:
         self.store.stage(changes)
         reason = dead.reason if dead.reason in self.metrics.dead_letters else "max_attempts"
         self.metrics.dead_letters[reason].inc()
-        log.warning("dead letter %s (%s)", dead.message_id, dead.reason)
+        log.warning(
+            "dead letter %s (%s)",
+            dead.message_id,
+            dead.reason,
+            extra={"message_id": dead.message_id, "resource_id": dead.resource_id},
+        )
         self.events.publish(
             "deadletter",
             {

@@ -230,7 +230,11 @@ class Delivery:
             if status is SendStatus.FAILED:
                 if router.record_failure(index, now):
                     url = router.urls[index]
-                    log.warning("upstream %s marked down after repeated failures", url)
+                    log.warning(
+                        "upstream %s marked down after repeated failures",
+                        url,
+                        extra={"upstream": url},
+                    )
                     self.events.publish("system", {"kind": "upstream_down", "upstream": url})
                 outcome = self.umh.send_failed(
                     message.message_id, now, result.detail, result.retry_after

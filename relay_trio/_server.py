@@ -30,6 +30,7 @@ from ._hypercorn_patch import (
 )
 from ._receiver import ReceiverLimits, StreamReceiver, parse_listen
 from ._relay import Relay
+from ._systemd import SystemdNotifier
 
 log = logging.getLogger("relay_trio")
 
@@ -164,6 +165,7 @@ class RelayServer:
     relay: Relay = attrs.field(
         default=attrs.Factory(lambda self: Relay(self.config), takes_self=True)
     )
+    notifier: SystemdNotifier = attrs.field(factory=SystemdNotifier)
     receiver: StreamReceiver | None = attrs.field(init=False, default=None)
     urls: list[str] = attrs.field(init=False, factory=list)
     watchdog: WriteWatchdog = attrs.field(
@@ -221,6 +223,7 @@ class RelayServer:
         watchdog = self.watchdog
         async with trio.open_nursery() as outer:
             outer.start_soon(watchdog.run)
+            outer.start_soon(self.notifier.run_watchdog)
             async with trio.open_nursery() as root:
                 if install_signal_handlers:
                     root.start_soon(self._watch_signals, root.cancel_scope)
@@ -244,9 +247,11 @@ class RelayServer:
                 self.urls = list(binds)
                 if self.receiver is not None:
                     await root.start(self.receiver.run)
+                self.notifier.ready(f"listening on {self.urls[0]}")
                 task_status.started(self.urls)
                 await relay.shutdown_requested.wait()
                 self.exit_reason = relay.shutdown_reason
+                self.notifier.stopping(f"draining ({self.exit_reason})")
                 # Seed 002: the drain gets most of the budget; stopping HTTP gets the rest.
                 with trio.move_on_after(self.config.drain_budget) as budget:
                     if self.receiver is not None:
@@ -255,6 +260,7 @@ class RelayServer:
                 if budget.cancelled_caught:
                     log.warning("shutdown drain budget exhausted; reporting what is left")
                 relay.finish_shutdown()
+                self.notifier.status("stopping HTTP")
                 http_stopped.set()
                 with trio.move_on_after(self.config.shutdown_timeout - self.config.drain_budget):
                     await http_done.wait()
@@ -286,11 +292,12 @@ def run_forever(config: RelayConfig, announce: Callable[[str], None]) -> None:
     """
 
     async def main() -> None:
-        server = RelayServer(config)
+        server = RelayServer(config, notifier=SystemdNotifier.from_environ())
         async with trio.open_nursery() as nursery:
             urls = await nursery.start(partial(server.serve, install_signal_handlers=True))
             tune_gc_for_serving()
             announce(f"listening on {urls[0]}")
+        server.notifier.close()
         announce(f"stopped ({server.exit_reason or 'done'})")
 
     trio.run(main)

@@ -1,47 +1,79 @@
-"""The small live status page served at ``GET /``: no build step, no external assets."""
+"""The live status page served at ``GET /`` and its static assets (``GET /static/NAME``).
 
+The page is a small HTML shell; its script (``static/statuspage.js``) and the charting
+library (uPlot, vendored from npm with its licence) ship inside the package, so the page
+works offline and behind firewalls: no CDN, no build step.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
 from typing import Final
 
+#: Content types by file suffix; files with any other suffix are not served.
+CONTENT_TYPES: Final = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".LICENSE": "text/plain; charset=utf-8",
+}
+
 STATUS_PAGE: Final = b"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>relay-trio</title>
+<html lang="en"><head><meta charset="utf-8"><title>relay-trio status</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;background:#fafafa}
-h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.2em}
-.grid{display:flex;flex-wrap:wrap;gap:6px}
-.c{background:#fff;border:1px solid #ddd;border-radius:4px;padding:4px 8px;min-width:11em}
-.c b{display:block;font-size:1.2em}.c span{color:#666;font-size:.85em}
-#tail{font:12px monospace;background:#fff;border:1px solid #ddd;padding:8px;height:24em;overflow:auto}
-.t-drops{color:#b35900}.t-deadletter{color:#b00}.t-acks{color:#060}.t-system{color:#00a}
-</style></head><body>
-<h1>relay-trio</h1>
-<p id="state">connecting&hellip;</p>
-<h2>Live events</h2>
-<div id="tail"></div>
-<h2>Gauges</h2><div class="grid" id="gauges"></div>
-<h2>Counters</h2><div class="grid" id="counters"></div>
-<script>
-const tail=document.getElementById('tail'),state=document.getElementById('state');
-function cell(k,v){const d=document.createElement('div');d.className='c';
-  const b=document.createElement('b');b.textContent=v;const s=document.createElement('span');s.textContent=k;
-  d.append(b,s);return d;}
-function fill(id,obj){document.getElementById(id).replaceChildren(...Object.entries(obj||{}).map(([k,v])=>cell(k,v)));}
-async function refresh(){
-  try{const r=await fetch('/v1/status');const s=await r.json();
-    fill('gauges',s.gauges);fill('counters',s.counters);
-    state.textContent=(s.ready?'live':'draining')+' - up '+Math.round(s.uptime_seconds)+' s';}catch(e){state.textContent='status unavailable';}
-}
-function follow(lastId){
-  // Start with the last 50 events so the page is not empty on a quiet relay.
-  const es=new EventSource('/v1/events/stream?last_event_id='+Math.max(0,lastId-50));
-  es.onerror=()=>{state.textContent='stream reconnecting';};
-  for(const t of ['reports','acks','drops','deadletter','system','gap','overflow','shutdown']){
-    es.addEventListener(t,(ev)=>{const d=document.createElement('div');d.className='t-'+t;
-      let e={};try{e=JSON.parse(ev.data);}catch(_){}
-      d.textContent=(e.at?e.at.slice(11,23)+' ':'')+t+' '+JSON.stringify(e.data!==undefined?e.data:e);tail.prepend(d);while(tail.childNodes.length>200)tail.lastChild.remove();});
-  }
-}
-fetch('/v1/status').then(r=>r.json()).then(s=>follow((s.events||{}).last_id||0),()=>follow(0));
-refresh();setInterval(refresh,2000);
-</script></body></html>
+<link rel="stylesheet" href="/static/uPlot.min.css">
+<link rel="stylesheet" href="/static/statuspage.css">
+</head><body>
+<header><h1>relay-trio</h1><span id="state">connecting&hellip;</span><span id="meta"></span></header>
+<form id="auth" autocomplete="off" hidden><p id="auth-msg"></p>
+<input id="auth-token" type="password" placeholder="read token" aria-label="read token">
+<button type="submit">Connect</button></form>
+<section class="tiles" id="tiles"></section>
+<section class="charts">
+<div class="panel"><h2>Reports / s</h2><div class="chart" id="chart-reports"></div></div>
+<div class="panel"><h2>Delivery / s</h2><div class="chart" id="chart-delivery"></div></div>
+<div class="panel"><h2>Pending messages</h2><div class="chart" id="chart-pending"></div></div>
+<div class="panel"><h2>Dead letters</h2><div class="chart" id="chart-deadletters"></div></div>
+<div class="panel"><h2>SSE subscribers</h2><div class="chart" id="chart-subscribers"></div></div>
+<div class="panel"><h2>Resources tracked</h2><div class="chart" id="chart-resources"></div></div>
+</section>
+<section class="row">
+<div class="panel"><h2>Upstreams</h2><table><thead><tr><th>state</th><th>upstream</th>
+<th>last change</th><th>sends</th><th>failed</th><th>failing streak</th></tr></thead>
+<tbody id="upstreams"></tbody></table></div>
+<div class="panel" id="deadletters-panel"><h2>Newest dead letters</h2><table><thead><tr>
+<th>dead at</th><th>message</th><th>reason</th><th>attempts</th><th>last error</th></tr></thead>
+<tbody id="deadletters"></tbody></table>
+<!-- REDRIVE: a redrive button per row (and for a filter) belongs here once
+POST /v1/deadletters:redrive exists; the admin token is asked for in the page,
+kept in memory only, never put in the URL. -->
+<p class="note">From GET /v1/deadletters; full history with <code>relay-trio</code> or the API.</p>
+</div>
+</section>
+<section class="panel"><h2>Event log</h2>
+<div id="log-controls"><input id="log-filter" type="search" placeholder="filter: resource, message id, reason&hellip;">
+<select id="log-topic"><option value="">all topics</option><option>reports</option><option>acks</option>
+<option>drops</option><option>deadletter</option><option>system</option></select></div>
+<div id="log"></div></section>
+<script src="/static/uPlot.iife.min.js"></script>
+<script src="/static/statuspage.js"></script>
+</body></html>
 """
+
+
+@cache
+def static_assets() -> dict[str, tuple[bytes, str]]:
+    """Every servable file of ``relay_trio/static``: name -> (bytes, content type).
+
+    Read once from the installed package and kept in memory (about 70 KB), so serving an
+    asset never touches the disk and a request path never reaches the filesystem.
+    """
+    assets: dict[str, tuple[bytes, str]] = {}
+    for entry in resources.files("relay_trio").joinpath("static").iterdir():
+        suffix = "." + entry.name.rpartition(".")[2]
+        if entry.is_file() and suffix in CONTENT_TYPES:
+            assets[entry.name] = (entry.read_bytes(), CONTENT_TYPES[suffix])
+    return assets
+
+
+__all__ = ["STATUS_PAGE", "static_assets"]

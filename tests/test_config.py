@@ -41,20 +41,65 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
     assert load_config({}, {}, toml).port == 1111
 
 
-def test_shutdown_budget_must_contain_the_drain_it_waits_on() -> None:
-    # 3 upstreams flushed one after another: 10 s in-flight + 3 x 10 s flush > 0.8 x 30 s.
+def test_shutdown_budget_grows_to_hold_the_drain_when_the_user_did_not_set_it() -> None:
+    # 3 upstreams flushed one after another: 10 s in-flight + 3 x 10 s flush = 40 s of
+    # drain, more than 0.8 x 30 s: the unset shutdown_timeout grows to fit (40 / 0.8 + 1).
     flags = {"upstreams": "http://a,http://b,http://c"}
-    try:
-        load_config(flags, {}, None)
-    except ConfigError as exc:
-        assert exc.setting == "shutdown_timeout"
-        assert "send_timeout (10.0s)" in str(exc) and "sequential" in str(exc) and "40s" in str(exc)
-    else:
-        raise AssertionError("an impossible shutdown budget was accepted")
+    c = load_config(flags, {}, None)
+    assert (c.shutdown_timeout, c.send_timeout, c.write_timeout) == (51.0, 10.0, 10.0)
+    assert c.drain_budget >= c.drain_budget_needed() == 40
     assert (
         load_config({**flags, "shutdown_flush": "parallel"}, {}, None).drain_budget_needed() == 20
     )
-    assert load_config({**flags, "shutdown_timeout": "51"}, {}, None).drain_budget >= 40
+    # A long write deadline the user chose: the shutdown budget holds 1.25 x it.
+    assert load_config({"write_timeout": "60"}, {}, None).shutdown_timeout == 76.0
+    # Nothing set: the documented defaults, unchanged.
+    d = load_config({}, {}, None)
+    assert (d.shutdown_timeout, d.send_timeout, d.write_timeout) == (30.0, 10.0, 10.0)
+
+
+def test_only_shutdown_timeout_set_derives_write_and_send_timeouts_that_fit() -> None:
+    c = load_config({"shutdown_timeout": "5"}, {}, None)
+    # write: half the budget; send: the 4 s drain over in-flight + 1 sequential round.
+    assert (c.shutdown_timeout, c.write_timeout, c.send_timeout) == (5.0, 2.5, 2.0)
+    assert c.explicit == {"shutdown_timeout"}
+    three = load_config({"shutdown_timeout": "5", "upstreams": "http://a,http://b,http://c"})
+    assert three.send_timeout == 1.0 and three.drain_budget >= three.drain_budget_needed()
+    # A value the user set is kept even when the other one is derived.
+    kept = load_config({"shutdown_timeout": "5", "send_timeout": "1.5"}, {}, None)
+    assert (kept.send_timeout, kept.write_timeout) == (1.5, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "other", "fragment"),
+    [
+        ({"shutdown_timeout": "5", "write_timeout": "10"}, "write_timeout", "must exceed"),
+        ({"shutdown_timeout": "5", "send_timeout": "3"}, "send_timeout", "needs 6s"),
+    ],
+)
+def test_both_set_and_incompatible_is_one_line_naming_both(
+    flags: dict[str, str], other: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(flags, {}, None)
+    line = str(info.value)
+    assert info.value.settings == ("shutdown_timeout", other)
+    assert line.startswith(f"invalid settings shutdown_timeout and {other}: ")
+    assert fragment in line and "\n" not in line
+
+
+def test_cli_run_check_accepts_only_shutdown_timeout(tmp_path: Path) -> None:
+    ok = CliRunner().invoke(main, ["config", "--check", "--shutdown-timeout", "5"])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(
+        main, ["config", "--check", "--shutdown-timeout", "5", "--write-timeout", "10"]
+    )
+    assert bad.exit_code == 2
+    assert bad.output.strip().splitlines() == [
+        "relay-trio: invalid settings shutdown_timeout and write_timeout: shutdown_timeout (5s) "
+        "must exceed write_timeout (10s): a write to a client that stopped reading is only cut "
+        "at its write deadline"
+    ]
 
 
 def test_token_from_file_and_never_in_summary(tmp_path: Path) -> None:
@@ -107,3 +152,38 @@ def test_every_field_has_help_text() -> None:
     import attrs
 
     assert all(f.metadata["help"] for f in attrs.fields(RelayConfig))
+
+
+def test_help_shows_numeric_options_as_integer_and_float() -> None:
+    result = CliRunner().invoke(main, ["run", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    lines = {
+        line.split()[0]: line.split()[1] for line in result.output.splitlines() if "  --" in line
+    }
+    assert lines["--port"] == "INTEGER" and lines["--max-subscribers-per-topic"] == "INTEGER"
+    assert lines["--shutdown-timeout"] == "FLOAT" and lines["--eviction-interval"] == "FLOAT"
+    assert lines["--host"] == "TEXT" and lines["--log-format"] == "TEXT"
+
+
+def test_config_check_exits_0_or_2_with_one_line(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('shutdown_timeout = 5\nlog_format = "json"\nupstreams = ["http://a"]\n')
+    ok = CliRunner().invoke(main, ["config", "--check", "--config", str(good)])
+    assert (ok.exit_code, ok.output) == (0, f"relay-trio: configuration OK ({good})\n")
+    cases = {
+        "bad_value.toml": ("burst = 0\n", "relay-trio: invalid setting burst: must be >= 1"),
+        "unknown.toml": ("colour = 1\n", "relay-trio: invalid setting colour: unknown setting"),
+        "not_toml.toml": ("port = \n", "relay-trio: invalid setting config: "),
+        "budget.toml": (
+            "shutdown_timeout = 5\nsend_timeout = 4\n",
+            "relay-trio: invalid settings shutdown_timeout and send_timeout: ",
+        ),
+    }
+    for name, (text, start) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        bad = CliRunner().invoke(main, ["config", "--check", "--config", str(path)])
+        assert bad.exit_code == 2, name
+        assert len(bad.output.splitlines()) == 1 and bad.output.startswith(start), bad.output
+    missing = CliRunner().invoke(main, ["config", "--check", "--config", str(tmp_path / "no")])
+    assert missing.exit_code == 2 and "cannot read" in missing.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import orjson
@@ -169,12 +170,32 @@ async def test_batch_answers_one_result_per_line_in_order(tmp_path: Path) -> Non
         assert server.relay.metrics.value("relay_reports_admitted_total") == 2
 
 
-async def test_status_page_is_self_contained_and_follows_the_stream(tmp_path: Path) -> None:
+async def test_status_page_is_self_contained_and_its_assets_are_served(tmp_path: Path) -> None:
     async with running_server(make_config(tmp_path)) as (_, client):
         page = await client.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         html = page.text
-        assert "new EventSource('/v1/events/stream" in html and "fetch('/v1/status')" in html
-        assert "src=" not in html and "href=" not in html  # no external assets, no build step
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+        # Everything from the package itself: no CDN, works offline.
+        assert sorted(assets) == [
+            "/static/statuspage.css",
+            "/static/statuspage.js",
+            "/static/uPlot.iife.min.js",
+            "/static/uPlot.min.css",
+        ]
+        assert "http://" not in html and "https://" not in html
+        for path in assets:
+            r = await client.get(path)
+            assert r.status_code == 200 and len(r.content) > 1000, path
+            kind = "text/javascript" if path.endswith(".js") else "text/css"
+            assert r.headers["content-type"].startswith(kind), path
+        script = (await client.get("/static/statuspage.js")).text
+        assert "fetch('/v1/events/stream'" in script and "fetch('/v1/status'" in script
+        licence = await client.get("/static/uPlot.LICENSE")
+        assert licence.status_code == 200 and "Leon Sorokin" in licence.text
+        for bad in ("/static/nope.js", "/static/..%2F_app.py", "/static/"):
+            r = await client.get(bad)
+            assert r.status_code == 404 and r.headers["content-type"] == PROBLEM, bad
+        assert "/static/{name}" not in (await client.get("/openapi.json")).json()["paths"]
         status = (await client.get("/v1/status")).json()
         assert {"counters", "gauges", "events", "upstreams", "config"} <= set(status)
