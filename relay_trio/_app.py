@@ -23,6 +23,8 @@ from ._events import MAX_PAGE, TOPICS, render_page
 from ._hub import SubscriberLimit
 from ._ids import CURSOR_MAX, MessageId
 from ._model import (
+    MAX_FILTER_LEN,
+    MAX_TIMESTAMP_LEN,
     Accepted,
     Problem,
     empty_batch,
@@ -444,7 +446,7 @@ def _timestamp(name: str, value: object) -> float | Problem | None:
     """An RFC 3339 timestamp as Unix seconds (``None`` stays ``None``)."""
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > 40:
+    if not isinstance(value, str) or len(value) > MAX_TIMESTAMP_LEN:
         return invalid(field=name, detail=f"{name} must be an RFC 3339 timestamp")
     try:
         parsed = datetime.fromisoformat(value)
@@ -460,7 +462,9 @@ def _filters(source: Any) -> dict[str, Any] | Problem:
     out: dict[str, Any] = {}
     for name in _FILTERS:
         value = source.get(name)
-        if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 2048):
+        if value is not None and (
+            not isinstance(value, str) or not 1 <= len(value) <= MAX_FILTER_LEN
+        ):
             return invalid(field=name, detail=f"{name} must be a non-empty string")
         out[name] = value
     for name in ("since", "until"):
@@ -504,6 +508,9 @@ def redrive_request(obj: object) -> RedriveRequest | Problem:
     ):
         return invalid(field="message_ids", detail=f"message_ids must be 1..{MAX_PAGE} message ids")
     limit = obj.get("limit", 100)
+    # JSON has one number type: 42.0 is the integer 42 (as JSON Schema's "integer" says).
+    if isinstance(limit, float) and limit.is_integer():
+        limit = int(limit)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
         return invalid(field="limit", detail=f"limit must be an integer in [1, {MAX_PAGE}]")
     flags: dict[str, bool] = {}

@@ -16,6 +16,9 @@ MAX_KIND_LEN: Final = 64
 MAX_REASON_LEN: Final = 256
 #: Longest wait an ACK's ``retry_after`` may ask for (one day).
 MAX_RETRY_AFTER: Final = 86400
+#: Dead-letter filters (``resource_id``, ``reason``, ``upstream``) and timestamps.
+MAX_FILTER_LEN: Final = 2048
+MAX_TIMESTAMP_LEN: Final = 40
 _REPORT_FIELDS: Final = frozenset({"resource_id", "payload", "kind"})
 
 

@@ -16,7 +16,13 @@ from quart import Quart
 from . import __version__
 from ._events import MAX_PAGE, TOPICS
 from ._ids import CURSOR_MAX, MESSAGE_ID_MAX_LEN, MESSAGE_ID_PATTERN, RESOURCE_ID_CHARS
-from ._model import MAX_KIND_LEN, MAX_REASON_LEN, MAX_RETRY_AFTER
+from ._model import (
+    MAX_FILTER_LEN,
+    MAX_KIND_LEN,
+    MAX_REASON_LEN,
+    MAX_RETRY_AFTER,
+    MAX_TIMESTAMP_LEN,
+)
 
 _RESOURCE_ID_PATTERN: Final = f"^{RESOURCE_ID_CHARS}$"
 _PROBLEM: Final = {
@@ -99,13 +105,30 @@ _DOCS: Final[dict[tuple[str, str], dict[str, Any]]] = {
         },
     },
     ("GET", "/v1/deadletters"): {
-        "summary": "Dead letters, paged",
-        "parameters": ["after", "limit"],
+        "summary": "Dead letters, paged (oldest first), optionally filtered",
+        "parameters": ["resource_id", "reason", "upstream", "since", "until", "cursor", "limit"],
         "responses": {
             "200": _json("page", _ref("DeadLetterPage")),
             "401": _PROBLEM,
             "403": _PROBLEM,
             "422": _PROBLEM,
+            "503": _PROBLEM_RETRY,
+        },
+    },
+    ("POST", "/v1/deadletters:redrive"): {
+        "summary": "Redrive dead letters by filter or message_ids (admin token)",
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _ref("Redrive")}},
+        },
+        "responses": {
+            "200": _json("what was matched, redriven and skipped", _ref("RedriveResult")),
+            "400": _PROBLEM,
+            "401": _PROBLEM,
+            "403": _PROBLEM,
+            "413": _PROBLEM,
+            "422": _PROBLEM,
+            "503": _PROBLEM_RETRY,
         },
     },
     ("GET", "/v1/events"): {
@@ -175,8 +198,22 @@ _DOCS: Final[dict[tuple[str, str], dict[str, Any]]] = {
 }
 
 _CURSOR: Final = {"type": "integer", "minimum": 0, "maximum": CURSOR_MAX}
+_FILTER: Final = {"type": "string", "minLength": 1, "maxLength": MAX_FILTER_LEN}
+_TIMESTAMP: Final = {
+    "type": "string",
+    "format": "date-time",
+    "maxLength": MAX_TIMESTAMP_LEN,
+    "description": "RFC 3339 with a time zone",
+}
 _PARAMS: Final[dict[str, dict[str, Any]]] = {
     "after": {"name": "after", "in": "query", "schema": _CURSOR},
+    "cursor": {"name": "cursor", "in": "query", "schema": _CURSOR},
+    **{
+        name: {"name": name, "in": "query", "schema": _FILTER}
+        for name in ("resource_id", "reason", "upstream")
+    },
+    "since": {"name": "since", "in": "query", "schema": _TIMESTAMP},
+    "until": {"name": "until", "in": "query", "schema": _TIMESTAMP},
     "limit": {
         "name": "limit",
         "in": "query",
@@ -245,11 +282,48 @@ _SCHEMAS: Final = {
     },
     "DeadLetterPage": {
         "type": "object",
-        "required": ["dead_letters", "next_after", "evicted"],
+        "required": ["dead_letters", "next_cursor", "pruned"],
         "properties": {
             "dead_letters": {"type": "array", "items": {"type": "object"}},
-            "next_after": {"type": "integer", "minimum": 0},
-            "evicted": {"type": "integer", "minimum": 0},
+            "next_cursor": {"type": ["integer", "null"], "minimum": 0},
+            "pruned": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Redrive": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "message_ids": {
+                "type": ["array", "null"],
+                "items": _ref("MessageId"),
+                "minItems": 1,
+                "maxItems": MAX_PAGE,
+            },
+            "resource_id": {**_FILTER, "type": ["string", "null"]},
+            "reason": {**_FILTER, "type": ["string", "null"]},
+            "upstream": {**_FILTER, "type": ["string", "null"]},
+            "since": {**_TIMESTAMP, "type": ["string", "null"]},
+            "until": {**_TIMESTAMP, "type": ["string", "null"]},
+            "dry_run": {"type": "boolean"},
+            "force": {"type": "boolean"},
+            "limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+        },
+        # message_ids or at least one filter (null counts as absent).
+        "anyOf": [
+            {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+            for name in ("message_ids", "resource_id", "reason", "upstream", "since", "until")
+        ],
+    },
+    "RedriveResult": {
+        "type": "object",
+        "required": ["matched", "redriven", "skipped", "message_ids", "dry_run"],
+        "properties": {
+            "matched": {"type": "integer", "minimum": 0},
+            "redriven": {"type": "integer", "minimum": 0},
+            "skipped": {"type": "integer", "minimum": 0},
+            "skipped_by_reason": {"type": "object"},
+            "message_ids": {"type": "array", "items": {"type": "string"}},
+            "dry_run": {"type": "boolean"},
         },
     },
     "Problem": {
