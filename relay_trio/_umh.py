@@ -530,6 +530,8 @@ class UnconfirmedMessages:
     # ------------------------------------------------------------------ internals
 
     def _lookup(self, message_id: str) -> _Entry | None:
+        # A dict key, not a parse: the exact-match test below turns any malformed id into a
+        # miss, and this runs on every send and ACK (MessageId.split would double its cost).
         e = self._pending.get(message_id.rpartition(":")[0])
         if e is None or e.message_id != message_id:
             return None
