@@ -17,11 +17,25 @@ import orjson
 import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ._events import MAX_PAGE, TOPICS, render_page
 from ._hub import SubscriberLimit
-from ._model import Accepted, Problem, malformed, parse_message_id, reply_for, too_large
+from ._ids import CURSOR_MAX, MessageId
+from ._model import (
+    MAX_FILTER_LEN,
+    MAX_TIMESTAMP_LEN,
+    Accepted,
+    Problem,
+    empty_batch,
+    invalid,
+    invalid_query,
+    malformed,
+    parse_bounded_int,
+    reply_for,
+    too_large,
+    validate_ack,
+)
 from ._openapi import openapi_document
 from ._ratelimit import retry_after_header
 from ._redrive import RedriveRequest
@@ -164,7 +178,11 @@ def create_app(relay: Relay) -> QuartTrio:
             413: "too-large",
             408: "request-timeout",
         }.get(status, "http-error")
-        return problem_response(Problem(status, slug, error.name, error.description or ""))
+        headers = None
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            # RFC 9110 15.5.6: a 405 must list what the resource does support.
+            headers = {"Allow": ", ".join(sorted(error.valid_methods))}
+        return problem_response(Problem(status, slug, error.name, error.description or ""), headers)
 
     @app.errorhandler(Exception)
     async def internal_error(error: Exception) -> Response:
@@ -207,6 +225,8 @@ def create_app(relay: Relay) -> QuartTrio:
         if isinstance(body, Problem):
             return problem_response(body)
         lines = [line for line in body.split(b"\n") if line.strip()]
+        if not lines:
+            return problem_response(empty_batch())
         if len(lines) > config.batch_max_lines:
             return problem_response(
                 Problem(
@@ -249,9 +269,8 @@ def create_app(relay: Relay) -> QuartTrio:
         ack = validate_ack(obj)
         if isinstance(ack, Problem):
             return problem_response(ack)
-        message_id, status, reason, retry_after = ack
-        outcome = relay.acknowledge(message_id, status, reason, retry_after)
-        return json_response({"message_id": message_id, "outcome": outcome})
+        outcome = relay.acknowledge(ack.message_id, ack.status, ack.reason, ack.retry_after)
+        return json_response({"message_id": ack.message_id, "outcome": outcome})
 
     @app.get("/v1/resources/<resource_id>")
     async def get_resource(resource_id: str) -> Response:
@@ -296,7 +315,7 @@ def create_app(relay: Relay) -> QuartTrio:
         denied = auth_problem("read")
         if denied is not None:
             return problem_response(denied)
-        after = int_param("after", None, 0, 2**62)
+        after = int_param("after", None, 0, CURSOR_MAX)
         limit = int_param("limit", 100, 1, MAX_PAGE)
         topic = topic_param()
         for value in (after, limit, topic):
@@ -315,19 +334,15 @@ def create_app(relay: Relay) -> QuartTrio:
         topic = topic_param()
         if isinstance(topic, Problem):
             return problem_response(topic)
-        last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
-        last_id: int | None = None
-        if last is not None:
-            if not last.isdigit() or len(last) > 18:
-                return problem_response(
-                    Problem(
-                        422,
-                        "invalid-query",
-                        "Invalid Last-Event-ID",
-                        "must be a non-negative integer",
-                    )
-                )
-            last_id = int(last)
+        # EventSource resends the last ``id:`` it saw as a header; scripts may use the query.
+        last = request.headers.get("Last-Event-ID")
+        last_id = (
+            int_param("last_event_id", None, 0, CURSOR_MAX)
+            if last is None
+            else int_value("Last-Event-ID", last, 0, CURSOR_MAX)
+        )
+        if isinstance(last_id, Problem):
+            return problem_response(last_id)
         try:
             subscription = relay.hub.subscribe(
                 None if topic is None else frozenset({topic}), last_id
@@ -380,7 +395,7 @@ def create_app(relay: Relay) -> QuartTrio:
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
-        return json_response(openapi_document(app))
+        return json_response(openapi_document(app, batch_max_lines=config.batch_max_lines))
 
     @app.post("/admin/shutdown")
     async def admin_shutdown() -> Response:
@@ -412,16 +427,19 @@ def create_app(relay: Relay) -> QuartTrio:
     return app
 
 
+def int_value(name: str, raw: str, low: int, high: int) -> int | Problem:
+    """``raw`` (from the query parameter or header ``name``) as an integer in ``[low, high]``,
+    or a 422 problem naming it. Every integer parameter goes through here."""
+    value = parse_bounded_int(raw, low, high)
+    if value is None:
+        return invalid_query(name, f"{name} must be an integer in [{low}, {high}]")
+    return value
+
+
 def int_param(name: str, default: int | None, low: int, high: int) -> int | Problem | None:
-    """A bounded integer query parameter, or a 422 problem naming it."""
+    """The bounded integer query parameter ``name`` (``default`` when absent), or a 422."""
     raw = request.args.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or len(raw) > 19 or not low <= int(raw) <= high:
-        return Problem(
-            422, "invalid-query", f"Invalid {name}", f"{name} must be an integer in [{low}, {high}]"
-        )
-    return int(raw)
+    return default if raw is None else int_value(name, raw, low, high)
 
 
 def store_unavailable(exc: Exception) -> Problem:
@@ -436,22 +454,18 @@ _REDRIVE_KEYS: Final = frozenset(
 )
 
 
-def _invalid(name: str, detail: str) -> Problem:
-    return Problem(422, "invalid-field", "Invalid field", detail, {"field": name})
-
-
 def _timestamp(name: str, value: object) -> float | Problem | None:
     """An RFC 3339 timestamp as Unix seconds (``None`` stays ``None``)."""
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > 40:
-        return _invalid(name, f"{name} must be an RFC 3339 timestamp")
+    if not isinstance(value, str) or len(value) > MAX_TIMESTAMP_LEN:
+        return invalid(field=name, detail=f"{name} must be an RFC 3339 timestamp")
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        return _invalid(name, f"{name} must be an RFC 3339 timestamp")
+        return invalid(field=name, detail=f"{name} must be an RFC 3339 timestamp")
     if parsed.tzinfo is None:
-        return _invalid(name, f"{name} must carry a time zone (Z or an offset)")
+        return invalid(field=name, detail=f"{name} must carry a time zone (Z or an offset)")
     return parsed.timestamp()
 
 
@@ -460,8 +474,10 @@ def _filters(source: Any) -> dict[str, Any] | Problem:
     out: dict[str, Any] = {}
     for name in _FILTERS:
         value = source.get(name)
-        if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 2048):
-            return _invalid(name, f"{name} must be a non-empty string")
+        if value is not None and (
+            not isinstance(value, str) or not 1 <= len(value) <= MAX_FILTER_LEN
+        ):
+            return invalid(field=name, detail=f"{name} must be a non-empty string")
         out[name] = value
     for name in ("since", "until"):
         ts = _timestamp(name, source.get(name))
@@ -473,7 +489,7 @@ def _filters(source: Any) -> dict[str, Any] | Problem:
 
 def dead_letter_query(args: Any) -> DeadLetterQuery | Problem:
     """``GET /v1/deadletters`` query parameters (filters, ``cursor``, ``limit``)."""
-    cursor = int_param("cursor", 0, 0, 2**62)
+    cursor = int_param("cursor", 0, 0, CURSOR_MAX)
     if isinstance(cursor, Problem):
         return cursor
     limit = int_param("limit", 100, 1, MAX_PAGE)
@@ -489,10 +505,10 @@ def redrive_request(obj: object) -> RedriveRequest | Problem:
     """``POST /v1/deadletters:redrive`` body: filters or ``message_ids``, ``dry_run``,
     ``limit`` [100, at most 1000], ``force``."""
     if not isinstance(obj, dict):
-        return _invalid("body", "body must be a JSON object")
+        return invalid(field="body", detail="body must be a JSON object")
     unknown = set(obj) - _REDRIVE_KEYS
     if unknown:
-        return _invalid(min(unknown), f"unknown field {min(unknown)!r}")
+        return invalid(field=min(unknown), detail=f"unknown field {min(unknown)!r}")
     filters = _filters(obj)
     if isinstance(filters, Problem):
         return filters
@@ -500,20 +516,23 @@ def redrive_request(obj: object) -> RedriveRequest | Problem:
     if ids is not None and (
         not isinstance(ids, list)
         or not 1 <= len(ids) <= MAX_PAGE
-        or any(parse_message_id(i) is None for i in ids)
+        or any(MessageId.split(i) is None for i in ids)
     ):
-        return _invalid("message_ids", f"message_ids must be 1..{MAX_PAGE} message ids")
+        return invalid(field="message_ids", detail=f"message_ids must be 1..{MAX_PAGE} message ids")
     limit = obj.get("limit", 100)
+    # JSON has one number type: 42.0 is the integer 42 (as JSON Schema's "integer" says).
+    if isinstance(limit, float) and limit.is_integer():
+        limit = int(limit)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
-        return _invalid("limit", f"limit must be an integer in [1, {MAX_PAGE}]")
+        return invalid(field="limit", detail=f"limit must be an integer in [1, {MAX_PAGE}]")
     flags: dict[str, bool] = {}
     for name in ("dry_run", "force"):
         value = obj.get(name, False)
         if not isinstance(value, bool):
-            return _invalid(name, f"{name} must be true or false")
+            return invalid(field=name, detail=f"{name} must be true or false")
         flags[name] = value
     if ids is None and not any(v is not None for v in filters.values()):
-        return _invalid("message_ids", "give message_ids or at least one filter")
+        return invalid(field="message_ids", detail="give message_ids or at least one filter")
     query = DeadLetterQuery(
         **filters,
         message_ids=None if ids is None else tuple(ids),
@@ -527,57 +546,8 @@ def topic_param() -> str | Problem | None:
     """The optional ``topic`` query parameter, validated against the known topics."""
     topic = request.args.get("topic")
     if topic is not None and topic not in TOPICS:
-        return Problem(
-            422,
-            "invalid-query",
-            "Unknown topic",
-            f"topic must be one of {', '.join(sorted(TOPICS))}",
-        )
+        return invalid_query("topic", f"topic must be one of {', '.join(sorted(TOPICS))}")
     return topic
-
-
-def validate_ack(obj: object) -> tuple[str, str, str | None, float | None] | Problem:
-    """Check an ACK body ``{message_id, status, reason?, retry_after?}``."""
-    if not isinstance(obj, dict):
-        return Problem(422, "invalid-field", "Invalid field", "body must be a JSON object")
-    message_id = obj.get("message_id")
-    if parse_message_id(message_id) is None:
-        return Problem(
-            422,
-            "invalid-field",
-            "Invalid field",
-            "message_id must be <resource_id>:<seq>",
-            {"field": "message_id"},
-        )
-    status = obj.get("status")
-    if status not in ("ack", "nack"):
-        return Problem(
-            422, "invalid-field", "Invalid field", "status must be ack or nack", {"field": "status"}
-        )
-    reason = obj.get("reason")
-    if reason is not None and (not isinstance(reason, str) or len(reason) > 256):
-        return Problem(
-            422,
-            "invalid-field",
-            "Invalid field",
-            "reason must be a string of at most 256 characters",
-            {"field": "reason"},
-        )
-    retry_after = obj.get("retry_after")
-    if retry_after is not None and (
-        isinstance(retry_after, bool)
-        or not isinstance(retry_after, int | float)
-        or not 0 <= retry_after <= 86400
-    ):
-        return Problem(
-            422,
-            "invalid-field",
-            "Invalid field",
-            "retry_after must be a number of seconds in [0, 86400]",
-            {"field": "retry_after"},
-        )
-    assert isinstance(message_id, str)
-    return message_id, status, reason, None if retry_after is None else float(retry_after)
 
 
 __all__ = ["create_app", "decode_json", "problem_response"]

@@ -16,6 +16,8 @@ from typing import Any, Final
 
 import attrs
 
+from ._redact import redact_url, redact_value
+
 ENV_PREFIX: Final = "RELAY_TRIO_"
 FLUSH_MODES: Final = ("sequential", "parallel", "none")
 STORES: Final = ("sqlite", "memory")
@@ -262,14 +264,15 @@ class RelayConfig:
         return receiver + self.send_timeout * (1 + flush_rounds)
 
     def summary(self) -> dict[str, Any]:
-        """The settings as JSON-ready values, with every token replaced by ``set``/``unset``."""
+        """The settings as JSON-ready values, for people and dashboards: every token is
+        ``set``/``unset`` and every URL is shown without credentials (``***@``)."""
         out: dict[str, Any] = {}
         for f in config_fields():
             value = getattr(self, f.name)
             if f.metadata["kind"] == "secret":
                 value = "set" if value else "unset"
-            elif isinstance(value, tuple):
-                value = list(value)
+            else:
+                value = redact_value(value)
             out[f.name] = value
         return out
 
@@ -519,8 +522,15 @@ def validate(config: RelayConfig) -> None:
         _require(
             url.startswith(("http://", "https://", "file://")) and len(url) > len("file://"),
             "upstreams",
-            f"{url!r} must start with http://, https:// or file://",
+            f"{redact_url(url)!r} must start with http://, https:// or file://",
         )
+    # Upstreams are known (routed, labelled, shown) by their URL without credentials.
+    shown = [redact_url(url) for url in c.effective_upstreams]
+    _require(
+        len(set(shown)) == len(shown),
+        "upstreams",
+        f"must be distinct once credentials are hidden: {shown!r}",
+    )
     # Seed 002: the shutdown budget must contain the budgets it waits on, or a drain
     # that is "within its deadline" is cut off by the outer one. Derived defaults always
     # fit (derive_defaults), so these name settings the user chose.

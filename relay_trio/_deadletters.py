@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 import orjson
 
+from ._ids import MessageId
 from ._metrics import RelayMetrics
 from ._publisher import EventPublisher
 from ._store import AttemptRecord, Changes, DeadLetterPage, DeadLetterRecord, Store
@@ -72,7 +73,7 @@ class DeadLetterBook:
                 index=0,
                 message_id=dead.message_id,
                 resource_id=dead.resource_id,
-                seq=int(dead.message_id.rpartition(":")[2]),
+                seq=MessageId.of(dead.message_id).seq,
                 kind=kind,
                 payload=payload,
                 reason=dead.reason,

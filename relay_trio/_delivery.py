@@ -26,6 +26,7 @@ import trio
 
 from ._config import RelayConfig
 from ._deadletters import DeadLetterBook
+from ._ids import MessageId
 from ._metrics import RelayMetrics, Tally
 from ._publisher import EventPublisher
 from ._resources import ResourceState, ResourceTable
@@ -161,7 +162,7 @@ class Delivery:
             return False
         self.umh.restore(message_id, state.resource_id, admitted_at, (), now)
         state.payload, state.kind = payload, kind
-        state.payload_seq = int(message_id.rpartition(":")[2])
+        state.payload_seq = MessageId.of(message_id).seq
         state.pending_message_id = message_id
         if state.awaiting_ack_since is None:
             state.awaiting_ack_since = now
@@ -273,19 +274,20 @@ class Delivery:
             outcome = self.umh.nack(message_id, now, reason or "nack", retry_after)
             self.scheduler.wake()
         self.metrics.acks[outcome.value].inc()
-        rid, _, seq = message_id.rpartition(":")
         if outcome is AckOutcome.ACKED:
-            state = self.resources.get(rid)
+            # ACKED: the id was this resource's pending message, so it parses.
+            acked = MessageId.of(message_id)
+            state = self.resources.get(acked.resource_id)
             changes = Changes()
             changes.delete_message(message_id)
             if state is not None:
                 state.last_acked_at = now
                 state.awaiting_ack_since = None
-                state.acked_seq = max(state.acked_seq, int(seq))
+                state.acked_seq = max(state.acked_seq, acked.seq)
                 if state.pending_message_id == message_id:
                     state.pending_message_id = None
                 # Release the cached payload only if it is the one this ACK covers.
-                if str(state.payload_seq) == seq:
+                if state.payload_seq == acked.seq:
                     state.payload = None
                 changes.put_resource(resource_record(state, self._wall_offset(now)))
             self.store.stage(changes)
@@ -294,7 +296,7 @@ class Delivery:
             if dead is not None:
                 self._on_dead_letter(dead, now)
         elif outcome is AckOutcome.NACKED:
-            self._persist_attempts(message_id, rid, now)
+            self._persist_attempts(message_id, MessageId.of(message_id).resource_id, now)
         if self.draining:
             self.check_settled()
         self.events.publish(
@@ -357,7 +359,7 @@ class Delivery:
                 # Never drop a retry: try again shortly.
                 self.umh.defer(item.message_id, now, DEFER_WHEN_FULL)
             else:
-                state.payload_seq = int(item.message_id.rpartition(":")[2])
+                state.payload_seq = MessageId.of(item.message_id).seq
                 self.metrics.retries.inc()
                 if item.attempt > 1:
                     self._persist_attempts(item.message_id, item.resource_id, now)
@@ -371,7 +373,7 @@ class Delivery:
             if state.pending_message_id == dead.message_id:
                 state.pending_message_id = None
                 state.awaiting_ack_since = None
-            if str(state.payload_seq) == dead.message_id.rpartition(":")[2]:
+            if state.payload_seq == MessageId.of(dead.message_id).seq:
                 payload, kind = state.payload, state.kind
         index = self.router.pick(dead.resource_id)
         upstream = self.router.urls[index or 0]
@@ -399,7 +401,7 @@ class Delivery:
         """Deliver every pending message now, bypassing backoff (one attempt each)."""
         groups: dict[int, list[Outbound]] = {}
         for message_id in self.umh.pending_ids():
-            rid = message_id.rpartition(":")[0]
+            rid = MessageId.of(message_id).resource_id
             state = self.resources.get(rid)
             view = self.umh.pending_for(rid)
             if state is None or view is None or state.payload is None:

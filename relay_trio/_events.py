@@ -82,33 +82,6 @@ def format_sse(event_name: str, data: bytes, id: int | None = None) -> bytes:
     return head + body + b"\n"
 
 
-def parse_topics(value: str | None) -> frozenset[str] | None:
-    """A ``?topics=reports,acks`` query value as a topic set; ``None``/empty means all.
-
-    Raises ``ValueError`` naming unknown topics (the route answers 400/422).
-    """
-    if value is None or not value.strip():
-        return None
-    topics = frozenset(t.strip() for t in value.split(",") if t.strip())
-    unknown = topics - TOPICS
-    if unknown:
-        raise ValueError(f"unknown topic(s): {', '.join(sorted(unknown))}")
-    return topics or None
-
-
-def parse_last_event_id(value: str | None) -> int | None:
-    """A ``Last-Event-ID`` header as a resume id; anything but a non-negative int is ``None``.
-
-    Lenient on purpose: a garbled header from a browser means "start live", not an error.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if not value.isascii() or not value.isdigit() or len(value) > 19:
-        return None
-    return int(value)
-
-
 def render_page(page: Page) -> bytes:
     """The ``GET /v1/events`` body ``{"events":[..],"next_after":n,"gap":g}``.
 

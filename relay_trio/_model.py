@@ -5,14 +5,20 @@ Everything here is an immutable value (``attrs.frozen``) with no I/O.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Final, Protocol
 
 import attrs
 
-RESOURCE_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+from ._ids import MessageId, is_valid_resource_id
+
 PROBLEM_BASE: Final = "https://relay-trio.dev/problems/"
 MAX_KIND_LEN: Final = 64
+MAX_REASON_LEN: Final = 256
+#: Longest wait an ACK's ``retry_after`` may ask for (one day).
+MAX_RETRY_AFTER: Final = 86400
+#: Dead-letter filters (``resource_id``, ``reason``, ``upstream``) and timestamps.
+MAX_FILTER_LEN: Final = 2048
+MAX_TIMESTAMP_LEN: Final = 40
 _REPORT_FIELDS: Final = frozenset({"resource_id", "payload", "kind"})
 
 
@@ -67,11 +73,6 @@ class Accepted:
     seq: int
 
 
-def is_valid_resource_id(value: object) -> bool:
-    """True when ``value`` is a string of 1-128 chars from ``[A-Za-z0-9._:-]``."""
-    return isinstance(value, str) and RESOURCE_ID_RE.fullmatch(value) is not None
-
-
 def validate_report(obj: object) -> Report | Problem:
     """Check a decoded JSON body against the report schema.
 
@@ -97,10 +98,76 @@ def validate_report(obj: object) -> Report | Problem:
     return Report(resource_id=rid, payload=obj["payload"], kind=kind)
 
 
+@attrs.frozen
+class Ack:
+    """One validated ``POST /v1/acks`` body."""
+
+    message_id: str
+    status: str  # "ack" or "nack"
+    reason: str | None = None
+    retry_after: float | None = None
+
+
+def validate_ack(obj: object) -> Ack | Problem:
+    """Check a decoded ACK body ``{message_id, status, reason?, retry_after?}``.
+
+    Returns an :class:`Ack`, or a 422 :class:`Problem` naming the first bad field. ``reason``
+    and ``retry_after`` may be ``null`` (absent); unknown members are ignored. Never raises.
+    """
+    if not isinstance(obj, dict):
+        return invalid("body must be a JSON object")
+    message_id = obj.get("message_id")
+    if not isinstance(message_id, str) or MessageId.split(message_id) is None:
+        return invalid(
+            "message_id must be <resource_id>:<seq>, seq a decimal in [1, 2**63-1]",
+            field="message_id",
+        )
+    status = obj.get("status")
+    if status not in ("ack", "nack"):
+        return invalid("status must be ack or nack", field="status")
+    reason = obj.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON_LEN):
+        return invalid(
+            f"reason must be a string of at most {MAX_REASON_LEN} characters", field="reason"
+        )
+    retry_after = obj.get("retry_after")
+    if retry_after is not None and (
+        isinstance(retry_after, bool)
+        or not isinstance(retry_after, int | float)
+        or not 0 <= retry_after <= MAX_RETRY_AFTER
+    ):
+        return invalid(
+            f"retry_after must be a number of seconds in [0, {MAX_RETRY_AFTER}]",
+            field="retry_after",
+        )
+    return Ack(message_id, status, reason, None if retry_after is None else float(retry_after))
+
+
 def invalid(detail: str, *, field: str | None = None) -> Problem:
     """A 422 problem for a well-formed body with an invalid field."""
     extra = {"field": field} if field else {}
     return Problem(422, "invalid-field", "Invalid field", detail, extra)
+
+
+def invalid_query(name: str, detail: str) -> Problem:
+    """A 422 problem for a query parameter or header the route cannot use."""
+    return Problem(422, "invalid-query", f"Invalid {name}", detail, {"parameter": name})
+
+
+def empty_batch() -> Problem:
+    """A 400 problem for a batch body with no report line (nothing to answer line by line)."""
+    return Problem(400, "empty-batch", "Empty batch", "the body holds no NDJSON report line")
+
+
+def parse_bounded_int(raw: str, low: int, high: int) -> int | None:
+    """The one parser for integers in query parameters and headers (``after``, ``limit``,
+    ``Last-Event-ID``): ASCII digits only (no sign, space or other Unicode digit), at most as
+    many as ``high`` has (bounded *before* ``int()``), value in ``[low, high]``; else ``None``.
+    """
+    if not 0 < len(raw) <= len(str(high)) or not raw.isascii() or not raw.isdigit():
+        return None
+    value = int(raw)
+    return value if low <= value <= high else None
 
 
 def malformed(detail: str) -> Problem:
@@ -133,16 +200,3 @@ def reply_for(result: Accepted | Problem) -> dict[str, Any]:
     if isinstance(result, Accepted):
         return {"message_id": result.message_id}
     return result.to_dict()
-
-
-def parse_message_id(value: object) -> tuple[str, int] | None:
-    """Split ``"<resource_id>:<seq>"``; ``None`` unless both parts are valid."""
-    if not isinstance(value, str):
-        return None
-    rid, sep, seq = value.rpartition(":")
-    if not sep or len(seq) > 19 or not seq.isascii() or not seq.isdigit():
-        return None
-    if RESOURCE_ID_RE.fullmatch(rid) is None:
-        return None
-    number = int(seq)
-    return (rid, number) if number >= 1 else None

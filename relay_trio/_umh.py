@@ -33,10 +33,10 @@ from typing import Final, Literal
 
 import attrs
 
+from ._ids import MessageId
+
 #: Below this many stale heap tuples the heap is never compacted (rebuilding is not worth it).
 _COMPACT_MIN: Final = 1024
-#: Longer "seq" parts are not sequence numbers (2**64 has 20 digits).
-_MAX_SEQ_DIGITS: Final = 32
 #: Largest page :meth:`DeadLetterLog.page` returns, like every other paged API of the relay.
 MAX_PAGE: Final = 1000
 
@@ -252,16 +252,6 @@ class DeadLetterLog:
         return iter(self._items)
 
 
-def _split(message_id: str) -> tuple[str, int | None]:
-    """``"<resource_id>:<seq>"`` -> (resource_id, seq); seq is None if not a decimal number."""
-    rid, sep, tail = message_id.rpartition(":")
-    # Ids in ACKs come from the network: a huge digit string must not reach int() (which
-    # raises past 4300 digits, and is slow well before).
-    if not sep or len(tail) > _MAX_SEQ_DIGITS or not tail.isascii() or not tail.isdigit():
-        return rid, None
-    return rid, int(tail)
-
-
 @attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class UnconfirmedMessages:
     """Tracks every sent-but-unacknowledged message: ACK deadlines, retries, dead letters.
@@ -318,14 +308,15 @@ class UnconfirmedMessages:
         ``ValueError`` if ``message_id`` is not ``"<resource_id>:<seq>"`` or its seq is not
         newer than the pending message's.
         """
-        rid, seq = _split(message_id)
-        if rid != resource_id or seq is None:
+        parts = MessageId.split(message_id)
+        if parts is None or parts[0] != resource_id:
             raise ValueError(f"message id {message_id!r} is not '{resource_id}:<seq>'")
         old = self._pending.get(resource_id)
         old_id: str | None = None
         if old is not None:
-            old_seq = _split(old.message_id)[1]
-            if old_seq is not None and seq <= old_seq:
+            # Every pending id was checked here on its way in: it parses.
+            old_parts = MessageId.split(old.message_id)
+            if old_parts is not None and parts[1] <= old_parts[1]:
                 raise ValueError(f"message id {message_id!r} is not newer than {old.message_id!r}")
             old_id = old.message_id
             self._finish(old, MessageState.SUPERSEDED)
@@ -347,8 +338,8 @@ class UnconfirmedMessages:
         attempt count). Raises ``ValueError`` for a malformed id or if the resource already
         has a pending message.
         """
-        rid, seq = _split(message_id)
-        if rid != resource_id or seq is None:
+        parts = MessageId.split(message_id)
+        if parts is None or parts[0] != resource_id:
             raise ValueError(f"message id {message_id!r} is not '{resource_id}:<seq>'")
         if resource_id in self._pending:
             raise ValueError(f"resource {resource_id!r} already has a pending message")
@@ -543,6 +534,8 @@ class UnconfirmedMessages:
     # ------------------------------------------------------------------ internals
 
     def _lookup(self, message_id: str) -> _Entry | None:
+        # A dict key, not a parse: the exact-match test below turns any malformed id into a
+        # miss, and this runs on every send and ACK (MessageId.split would double its cost).
         e = self._pending.get(message_id.rpartition(":")[0])
         if e is None or e.message_id != message_id:
             return None
@@ -553,11 +546,11 @@ class UnconfirmedMessages:
             self.late_acks += 1
             return AckOutcome.LATE
         # Forgotten or never recorded, but older than the resource's current message: late.
-        rid, seq = _split(message_id)
-        current = self._pending.get(rid)
-        if seq is not None and current is not None:
-            current_seq = _split(current.message_id)[1]
-            if current_seq is not None and seq < current_seq:
+        parts = MessageId.split(message_id)
+        current = None if parts is None else self._pending.get(parts[0])
+        if parts is not None and current is not None:
+            current_parts = MessageId.split(current.message_id)
+            if current_parts is not None and parts[1] < current_parts[1]:
                 self.late_acks += 1
                 return AckOutcome.LATE
         self.unknown_acks += 1

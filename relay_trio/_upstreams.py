@@ -15,6 +15,10 @@ in another language) can compute the same order::
     score(resource_id, url) = int.from_bytes(
         blake2b(resource_id.encode() + b"\\0" + url.encode(), digest_size=8).digest(), "big")
 
+where ``url`` is the upstream URL as configured, except that credentials (``user:pass@``)
+read ``***@`` (:func:`relay_trio._redact.redact_url`): the router never holds secrets, and
+rotating a password moves no resource.
+
 Upstreams are ranked by descending score; ties (practically impossible) go to the lower
 index. Python's ``hash()`` is salted per process and must never be used here.
 
@@ -33,6 +37,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import attrs
+
+from ._redact import redact_url
 
 DEFAULT_RANKING_CACHE_SIZE: Final = 100_000
 _SEPARATOR: Final = b"\0"
@@ -56,7 +62,9 @@ def _fraction(_inst: object, attribute: attrs.Attribute[float], value: float) ->
 
 
 def _url_tuple(urls: Iterable[str]) -> tuple[str, ...]:
-    return tuple(urls)
+    # The router never holds credentials: its urls name upstreams in status, metric labels,
+    # log lines and events, and rank resources (so rotating a password moves no resource).
+    return tuple(redact_url(url) for url in urls)
 
 
 @attrs.frozen
@@ -122,7 +130,8 @@ class UpstreamRouter:
 
     Not thread-safe and never blocks: every method is plain synchronous code that finishes
     without awaiting, so under Trio it needs no lock (seed 003's "leaf lock" for free).
-    ``urls`` must be distinct (``ValueError`` otherwise); an empty list is allowed and makes
+    ``urls`` are kept without credentials (``***@``) and must then be distinct (``ValueError``
+    otherwise); an empty list is allowed and makes
     :meth:`pick` return ``None``. Membership is fixed: to change the upstream list, build a
     new router (rendezvous hashing keeps most resources where they were).
 

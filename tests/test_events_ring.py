@@ -15,8 +15,6 @@ from relay_trio._events import (
     EventRing,
     Page,
     format_sse,
-    parse_last_event_id,
-    parse_topics,
     render_page,
 )
 
@@ -158,17 +156,6 @@ def test_render_page_joins_raw_json() -> None:
         "gap": 0,
     }
     assert orjson.loads(render_page(Page([], 5, 2))) == {"events": [], "next_after": 5, "gap": 2}
-
-
-def test_parse_topics_and_last_event_id() -> None:
-    assert parse_topics(None) is None and parse_topics(" ") is None
-    assert parse_topics("reports, acks,") == frozenset({"reports", "acks"})
-    with pytest.raises(ValueError, match="bogus"):
-        parse_topics("reports,bogus")
-    assert parse_last_event_id("42") == 42
-    assert parse_last_event_id(" 7 ") == 7
-    for bad in (None, "", "-1", "1.5", "abc", "\u0663", "9" * 30):
-        assert parse_last_event_id(bad) is None
 
 
 def test_invalid_ring_caps() -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay_trio._model import is_valid_resource_id
+from relay_trio._ids import is_valid_resource_id
 from relay_trio._receiver import (
     ListenAddress,
     ReceiverLimits,
