@@ -22,7 +22,8 @@ from hypercorn.trio import tcp_server
 
 from ._app import create_app
 from ._config import RelayConfig
-from ._receiver import ReceiverLimits, StreamReceiver, parse_listen
+from ._listen import parse_listen
+from ._receiver import ReceiverLimits, StreamReceiver
 from ._relay import Relay
 
 log = logging.getLogger("relay_trio")
@@ -178,6 +179,8 @@ class RelayServer:
                     idle_timeout=c.stream_idle_timeout,
                     max_frame=c.stream_max_frame,
                 ),
+                token=c.ingest_token,
+                count_refused=self.relay.metrics.count_refused,
             )
 
     async def serve(
