@@ -109,7 +109,9 @@ class RelayConfig:
     shutdown_flush: str = _opt("sequential", "Flush mode on shutdown: sequential, parallel, none.")
     shutdown_timeout: float = _opt(30.0, "Budget for the whole staged shutdown.")
     ingest_token: str | None = _opt(
-        None, "Bearer token for report ingest (@FILE reads a file).", "secret"
+        None,
+        "Token for report ingest: HTTP bearer token and the stream handshake (@FILE reads a file).",
+        "secret",
     )
     ack_token: str | None = _opt(
         None, "Bearer token for POST /v1/acks (@FILE reads a file).", "secret"

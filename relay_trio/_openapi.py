@@ -39,7 +39,13 @@ _DOCS: Final[dict[tuple[str, str], dict[str, Any]]] = {
             "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
         },
         "responses": {
-            "200": {"description": "NDJSON results"},
+            "200": {
+                "description": (
+                    "NDJSON results, one per non-blank input line, in order: "
+                    '{"message_id", "line"} or a problem object with "line", the '
+                    "1-based input line number. Blank lines get no result."
+                )
+            },
             "401": _PROBLEM,
             "403": _PROBLEM,
             "413": _PROBLEM,
