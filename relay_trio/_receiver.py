@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._identity import Identity, check_identity, check_peer_cid
+from ._identity import Identity, check_peer_cid
 from ._line_protocol import (
     LineConnection,
     LineCounters,
@@ -32,7 +32,7 @@ from ._line_protocol import (
     token_digest,
     too_many_connections,
 )
-from ._listen import ListenAddress, parse_listen
+from ._listen import ListenAddress
 from ._listeners import (
     ACCEPT_CAPACITY_ERRNOS,
     describe_bound,
@@ -42,15 +42,7 @@ from ._listeners import (
 )
 from ._model import Admitter, Problem
 
-__all__ = [
-    "Identity",
-    "ListenAddress",
-    "ReceiverLimits",
-    "StreamReceiver",
-    "check_identity",
-    "check_peer_cid",
-    "parse_listen",
-]
+__all__ = ["ReceiverLimits", "StreamReceiver"]
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +304,9 @@ class StreamReceiver:
 
     async def _refuse(self, stream: trio.abc.Stream, identity: Identity, problem: Problem) -> None:
         self.connections_refused += 1
-        log.debug("stream receiver refused %s: %s", identity.peer, problem.slug)
+        log.debug(
+            "stream receiver refused %s on %s: %s", identity.peer, identity.listen, problem.slug
+        )
         await self._send(stream, problem_line(problem))
 
     async def _send(self, stream: trio.abc.Stream, data: bytes) -> bool:
