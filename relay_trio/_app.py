@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from ._events import MAX_PAGE, TOPICS, render_page
 from ._hub import SubscriberLimit
 from ._ids import CURSOR_MAX, MessageId
+from ._line_protocol import reply_line
 from ._model import (
     MAX_FILTER_LEN,
     MAX_TIMESTAMP_LEN,
@@ -32,7 +33,6 @@ from ._model import (
     invalid_query,
     malformed,
     parse_bounded_int,
-    reply_for,
     too_large,
     validate_ack,
 )
@@ -224,7 +224,8 @@ def create_app(relay: Relay) -> QuartTrio:
         body = await authorized_body("ingest", config.batch_max_bytes)
         if isinstance(body, Problem):
             return problem_response(body)
-        lines = [line for line in body.split(b"\n") if line.strip()]
+        # Blank lines get no result, but keep their number: each result names its input line.
+        lines = [(n, line) for n, line in enumerate(body.split(b"\n"), 1) if line.strip()]
         if not lines:
             return problem_response(empty_batch())
         if len(lines) > config.batch_max_lines:
@@ -236,9 +237,8 @@ def create_app(relay: Relay) -> QuartTrio:
                     f"at most {config.batch_max_lines} lines",
                 )
             )
-        out: list[bytes] = []
-        results: list[Accepted | Problem] = []
-        for line in lines:
+        results: list[tuple[int, Accepted | Problem]] = []
+        for number, line in lines:
             if len(line) > config.max_body_bytes:
                 result: Accepted | Problem = too_large(config.max_body_bytes)
                 count_refused("too_large")
@@ -247,16 +247,15 @@ def create_app(relay: Relay) -> QuartTrio:
                 if isinstance(obj, Problem):
                     count_refused("malformed")
                 result = obj if isinstance(obj, Problem) else relay.admit(obj)
-            results.append(result)
-        if any(isinstance(r, Accepted) for r in results):
+            results.append((number, result))
+        if any(isinstance(r, Accepted) for _, r in results):
             # One commit for the whole batch; no line says "accepted" before it is stored.
             try:
                 await relay.durable()
             except StoreError as exc:
                 return problem_response(store_unavailable(exc))
-        out = [orjson.dumps(reply_for(r)) for r in results]
-        out.append(b"")
-        return Response(b"\n".join(out), status=200, content_type=NDJSON)
+        out = [reply_line(result, number) for number, result in results]
+        return Response(b"".join(out), status=200, content_type=NDJSON)
 
     @app.post("/v1/acks")
     async def post_ack() -> Response:

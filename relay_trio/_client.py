@@ -15,7 +15,7 @@ import httpx
 import orjson
 import trio
 
-from ._receiver import parse_listen
+from ._listen import parse_listen
 
 log = logging.getLogger("relay_trio.client")
 
@@ -109,6 +109,9 @@ class SendSummary:
     rejected: Counter[str] = attrs.field(factory=Counter)
 
     def line(self) -> str:
+        """One line for a person: what was read and what became of it."""
+        if self.read == 0:
+            return "read 0 reports: nothing to send"
         rejected = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected.items())) or "none"
         return f"read {self.read}, admitted {self.admitted}, retried {self.retried}, rejected: {rejected}"
 
@@ -119,8 +122,30 @@ def _reason(reply: dict[str, Any]) -> str:
     return str(reply.get("reason") or reply.get("type", "error").rsplit("/", 1)[-1])
 
 
+def _in_line_order(replies: list[dict[str, Any]], first: int, count: int) -> list[dict[str, Any]]:
+    """The replies to input lines ``first .. first + count - 1``, in that order.
+
+    Every reply names its input line (``line``); a line without one is the relay's notice
+    that it is closing the connection (idle timeout, shutdown), raised as ConnectionError.
+    """
+    by_line: dict[int, dict[str, Any]] = {}
+    for reply in replies:
+        line = reply.get("line")
+        if not isinstance(line, int):
+            detail = reply.get("detail") or reply.get("title") or reply
+            raise ConnectionError(f"relay closed the connection: {detail}")
+        by_line[line] = reply
+    wanted = range(first, first + count)
+    if set(by_line) != set(wanted):
+        raise ConnectionError(
+            f"relay answered lines {sorted(by_line)}, expected {first}..{first + count - 1}"
+        )
+    return [by_line[n] for n in wanted]
+
+
 class _Transport:
     async def exchange(self, lines: Sequence[bytes]) -> list[dict[str, Any]]:
+        """Send ``lines`` (none blank) and return one reply per line, in order."""
         raise NotImplementedError
 
     async def aclose(self) -> None:
@@ -136,7 +161,8 @@ class _HttpBatch(_Transport):
         if response.status_code != 200:
             problem = orjson.loads(response.content) if response.content else {}
             return [problem if isinstance(problem, dict) else {"type": "error"}] * len(lines)
-        return [orjson.loads(line) for line in response.content.splitlines() if line]
+        replies = [orjson.loads(line) for line in response.content.splitlines() if line]
+        return _in_line_order(replies, 1, len(lines))
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -146,9 +172,13 @@ class _HttpBatch(_Transport):
 class _Stream(_Transport):
     stream: trio.abc.Stream
     buffer: bytearray = attrs.field(factory=bytearray)
+    #: Lines sent on this connection so far: the stream numbers lines per connection.
+    lines_sent: int = 0
 
     async def exchange(self, lines: Sequence[bytes]) -> list[dict[str, Any]]:
         await self.stream.send_all(b"\n".join(lines) + b"\n")
+        first = self.lines_sent + 1
+        self.lines_sent += len(lines)
         replies: list[dict[str, Any]] = []
         while len(replies) < len(lines):
             newline = self.buffer.find(b"\n")
@@ -158,9 +188,12 @@ class _Stream(_Transport):
                     raise ConnectionError("relay closed the stream")
                 self.buffer += chunk
                 continue
-            replies.append(orjson.loads(bytes(self.buffer[:newline])))
+            reply = orjson.loads(bytes(self.buffer[:newline]))
             del self.buffer[: newline + 1]
-        return replies
+            replies.append(reply)
+            if "line" not in reply:
+                break  # a closing notice: _in_line_order raises with its detail
+        return _in_line_order(replies, first, len(lines))
 
     async def aclose(self) -> None:
         await self.stream.aclose()
@@ -221,6 +254,8 @@ async def send_reports(
                     summary.read += 1
                     batch.append(line.rstrip(b"\r\n"))
             if not batch:
+                if not retries:
+                    break  # the input ended exactly at a batch boundary (or was empty)
                 await trio.sleep_until(retries[0][0])
                 continue
             for line, reply in zip(batch, await transport.exchange(batch), strict=True):

@@ -157,7 +157,9 @@ class RelayConfig:
         "write_timeout and flush you set.",
     )
     ingest_token: str | None = _opt(
-        None, "Bearer token for report ingest (@FILE reads a file).", "secret"
+        None,
+        "Token for report ingest: HTTP bearer token and the stream handshake (@FILE reads a file).",
+        "secret",
     )
     ack_token: str | None = _opt(
         None, "Bearer token for POST /v1/acks (@FILE reads a file).", "secret"

@@ -104,6 +104,13 @@ class RelayMetrics:
         self.store_commits.inc()
         self.store_committed.inc(batch_size)
 
+    def count_refused(self, reason: str) -> None:
+        """Count one report a front door refused before admission (malformed, too large,
+        unauthorized): it was received and rejected, so received = admitted + rejected
+        holds for every door. ``reason`` is one of :data:`REJECT_REASONS`. Never blocks."""
+        self.reports_received.inc()
+        self.rejected[reason].inc()
+
     def tally(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> TallyFamily:
         """Register a counter family backed by plain ints (see the module docstring)."""
         family = TallyFamily(name, doc, labels)

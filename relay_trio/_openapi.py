@@ -74,7 +74,11 @@ _DOCS: Final[dict[tuple[str, str], dict[str, Any]]] = {
         },
         "responses": {
             "200": {
-                "description": "NDJSON: per line {message_id} or a problem object",
+                "description": (
+                    "NDJSON results, one per non-blank input line, in order: "
+                    '{"message_id", "line"} or a problem object with "line", the '
+                    "1-based input line number. Blank lines get no result."
+                ),
                 "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
             },
             "400": _PROBLEM,

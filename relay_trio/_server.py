@@ -28,7 +28,8 @@ from ._hypercorn_patch import (
     check_hypercorn_version,
     serve_http,
 )
-from ._receiver import ReceiverLimits, StreamReceiver, parse_listen
+from ._listen import parse_listen
+from ._receiver import ReceiverLimits, StreamReceiver
 from ._relay import Relay
 from ._systemd import SystemdNotifier
 
@@ -198,6 +199,8 @@ class RelayServer:
                     idle_timeout=c.stream_idle_timeout,
                     max_frame=c.stream_max_frame,
                 ),
+                token=c.ingest_token,
+                count_refused=self.relay.metrics.count_refused,
             )
 
     async def serve(

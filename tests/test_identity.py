@@ -6,14 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay_trio._identity import check_identity, check_peer_cid
 from relay_trio._ids import is_valid_resource_id
-from relay_trio._receiver import (
-    ListenAddress,
-    ReceiverLimits,
-    check_identity,
-    check_peer_cid,
-    parse_listen,
-)
+from relay_trio._listen import ListenAddress, parse_listen
+from relay_trio._receiver import ReceiverLimits
 
 
 @pytest.mark.parametrize(

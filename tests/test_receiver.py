@@ -15,8 +15,9 @@ import pytest
 import trio
 from relay_helpers import FakeAdmitter
 
+from relay_trio._listen import parse_listen
 from relay_trio._model import Accepted, Problem
-from relay_trio._receiver import ReceiverLimits, StreamReceiver, parse_listen
+from relay_trio._receiver import ReceiverLimits, StreamReceiver
 
 TCP_ANY = "tcp://127.0.0.1:0"
 
@@ -92,7 +93,8 @@ async def test_many_lines_on_one_connection_answered_in_order() -> None:
             assert reply["retry_after"] == 30.0
             assert reply["type"].endswith("/rate-limited")
         else:
-            assert reply == {"message_id": f"vm-{n - 1}:{n}"}
+            assert reply == {"message_id": f"vm-{n - 1}:{n}", "line": n}
+    assert [reply["line"] for reply in replies] == list(range(1, total + 1))
     assert [obj["resource_id"] for obj in admitter.seen] == [f"vm-{i}" for i in range(total)]  # type: ignore[index]
     assert (rx.lines_ok, rx.lines_rejected) == (total - total // 7, total // 7)
 
@@ -111,7 +113,9 @@ async def test_garbage_lines_get_400_and_connection_keeps_working(tmp_path: Path
         await stream.aclose()
     assert [r.get("status") for r in first + second] == [400, None, 400, 400, 422, None]
     assert first[0]["type"].endswith("/malformed-json")
-    assert second[2] == {"message_id": "b:3"}
+    # Blank lines 3 and 4 get no reply; numbering still counts them.
+    assert [r["line"] for r in first + second] == [1, 2, 5, 6, 7, 8]
+    assert second[2] == {"message_id": "b:3", "line": 8}
     assert not await trio.Path(url.removeprefix("unix://")).exists(), "socket file left behind"
 
 
@@ -122,7 +126,7 @@ async def test_oversized_frame_answered_413_without_buffering_it() -> None:
         stream = await connect(bound[0])
         reader = LineReader(stream)
         await stream.send_all(report("ok"))
-        assert await reader.lines(1) == [{"message_id": "ok:1"}]
+        assert await reader.lines(1) == [{"message_id": "ok:1", "line": 1}]
 
         async def flood() -> None:
             # 8 MiB with no newline; the relay must stop reading long before the end.
@@ -138,7 +142,7 @@ async def test_oversized_frame_answered_413_without_buffering_it() -> None:
             replies = await reader.rest()
             nursery.cancel_scope.cancel()
         await stream.aclose()
-    assert [r["status"] for r in replies] == [413]
+    assert [(r["status"], r["line"]) for r in replies] == [(413, 2)]
     assert replies[0]["detail"] == "limit is 65536 bytes"
     assert rx.frames_too_large == 1
     assert rx.buffer_high_water <= limits.max_frame + limits.read_chunk
@@ -187,7 +191,9 @@ async def test_connection_cap_refuses_with_reason() -> None:
     assert "message_id" in accepted[0]
 
 
-async def test_token_auth(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_token_required_on_every_listener(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG, logger="relay_trio")
     unix_url = f"unix://{tmp_path}/auth.sock"
     admitter = FakeAdmitter()
@@ -195,43 +201,47 @@ async def test_token_auth(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> N
         [parse_listen(unix_url), parse_listen(TCP_ANY)],
         admitter,
         ReceiverLimits(),
-        tokens={unix_url: "s3cret-token"},
+        token="s3cret-token",
     )
     async with serving(rx) as bound:
-        good = await connect(unix_url)
-        await good.send_all(b'{"token": "s3cret-token"}\n' + report("a"))
-        good_replies = await LineReader(good).lines(2)
-        await good.aclose()
+        good_replies = []
+        for url in bound:
+            good = await connect(url)
+            # Blank keepalive lines may come before the handshake; they keep their number.
+            await good.send_all(b'\n{"token": "s3cret-token"}\n' + report("a"))
+            good_replies.append(await LineReader(good).lines(2))
+            await good.aclose()
 
         bad_replies = []
-        for first_line in (b'{"token": "wrong"}\n', report("b"), b"garbage\n", b'{"token": 1}\n'):
-            bad = await connect(unix_url)
-            await bad.send_all(first_line + report("c"))
-            bad_replies.append(await LineReader(bad).rest())
-            await bad.aclose()
-
-        # The TCP listener has no token configured.
-        open_stream = await connect(bound[1])
-        await open_stream.send_all(report("d"))
-        open_replies = await LineReader(open_stream).lines(1)
-        await open_stream.aclose()
-    assert good_replies == [{"ok": True}, {"message_id": "a:1"}]
+        for url in bound:
+            for first_line in (
+                b'{"token": "wrong"}\n',
+                report("b"),
+                b"garbage\n",
+                b'{"token": 1}\n',
+                b'{"token": "s3cret-token-and-more"}\n',
+            ):
+                bad = await connect(url)
+                await bad.send_all(first_line + report("c"))
+                bad_replies.append(await LineReader(bad).rest())
+                await bad.aclose()
+    for replies in good_replies:
+        assert replies == [
+            {"ok": True, "line": 2},
+            {"message_id": replies[1]["message_id"], "line": 3},
+        ]
+    assert len(bad_replies) == 10
     for replies in bad_replies:
-        assert [r["status"] for r in replies] == [401]
-    assert open_replies == [{"message_id": "d:2"}]
-    assert [obj["resource_id"] for obj in admitter.seen] == ["a", "d"]  # type: ignore[index]
-    assert rx.auth_failures == 4
+        assert [(r["status"], r["line"]) for r in replies] == [(401, 1)]
+    assert [obj["resource_id"] for obj in admitter.seen] == ["a", "a"]  # type: ignore[index]
+    assert rx.auth_failures == 10
     assert "s3cret-token" not in caplog.text
+    assert "s3cret-token" not in repr(rx)
 
 
-def test_token_for_unknown_listener_is_rejected() -> None:
-    with pytest.raises(ValueError, match="not a listen address"):
-        StreamReceiver(
-            [parse_listen(TCP_ANY)],
-            FakeAdmitter(),
-            ReceiverLimits(),
-            tokens={"unix:///tmp/typo.sock": "x"},
-        )
+def test_empty_token_is_refused() -> None:
+    with pytest.raises(ValueError, match="must not be empty"):
+        StreamReceiver([parse_listen(TCP_ANY)], FakeAdmitter(), ReceiverLimits(), token="")
 
 
 async def test_stop_accepting_and_drain() -> None:
@@ -268,7 +278,7 @@ async def test_stale_unix_socket_file_is_replaced_and_live_one_is_not(tmp_path: 
             await other.run()
         stream = await connect(url)
         await stream.send_all(report())
-        assert await LineReader(stream).lines(1) == [{"message_id": "vm-1:1"}]
+        assert await LineReader(stream).lines(1) == [{"message_id": "vm-1:1", "line": 1}]
         await stream.aclose()
 
 
@@ -312,6 +322,6 @@ async def test_a_failing_connection_does_not_take_down_the_listener(
         assert await LineReader(victim).rest() == []
         await victim.aclose()
         await survivor.send_all(report("fine"))
-        assert await LineReader(survivor).lines(1) == [{"message_id": "fine:1"}]
+        assert await LineReader(survivor).lines(1) == [{"message_id": "fine:1", "line": 1}]
         await survivor.aclose()
     assert "admitter bug" in caplog.text

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from relay_helpers import FakeAdmitter
 
-from relay_trio._receiver import Identity, ReceiverLimits, StreamReceiver, parse_listen
+from relay_trio._identity import Identity
+from relay_trio._receiver import ReceiverLimits, StreamReceiver
 
 TCP = Identity(listen="tcp://127.0.0.1:0", peer="test")
 
@@ -117,7 +118,7 @@ async def test_slot_freed_during_wait_is_taken(autojump_clock: trio.abc.Clock) -
         await waiter.send_all(report())
         replies = await read_n_lines(waiter, 1)
         assert trio.current_time() == 2
-        assert replies == [{"message_id": "vm-1:1"}]
+        assert replies == [{"message_id": "vm-1:1", "line": 1}]
         await waiter.aclose()
     assert rx.connections_refused == 0
 
@@ -225,7 +226,7 @@ async def test_lines_read_together_are_answered_in_one_write(
             assert reply["status"] == 429
             assert reply["retry_after"] == 30.0
         else:
-            assert reply == {"message_id": f"vm-{i - 1}:{i}"}
+            assert reply == {"message_id": f"vm-{i - 1}:{i}", "line": i}
 
 
 async def test_client_that_stops_reading_is_cut_at_write_deadline(
@@ -286,14 +287,33 @@ async def test_drain_cancels_stragglers_after_timeout(autojump_clock: trio.abc.C
 async def test_token_then_reports(autojump_clock: trio.abc.Clock) -> None:
     url = "tcp://127.0.0.1:9000"
     admitter = FakeAdmitter()
-    rx = StreamReceiver([parse_listen(url)], admitter, ReceiverLimits(), tokens={url: "s3cret"})
+    rx = StreamReceiver([], admitter, ReceiverLimits(), token="s3cret")
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(rx.handle_stream, server, Identity(listen=url))
         await client.send_all(b'{"token": "s3cret"}\n' + report())
         replies = await read_n_lines(client, 2)
         await client.aclose()
-    assert replies == [{"ok": True}, {"message_id": "vm-1:1"}]
+    assert replies == [{"ok": True, "line": 1}, {"message_id": "vm-1:1", "line": 2}]
+
+
+async def test_report_before_handshake_is_refused_and_not_admitted(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    admitter = FakeAdmitter()
+    refused: list[str] = []
+    rx = StreamReceiver(
+        [], admitter, ReceiverLimits(), token="s3cret", count_refused=refused.append
+    )
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rx.handle_stream, server, TCP)
+        await client.send_all(report() + b'{"token": "s3cret"}\n' + report())
+        replies = await read_reply_lines(client)
+        assert trio.current_time() == 0
+    assert [(r["status"], r["line"]) for r in replies] == [(401, 1)]
+    assert admitter.seen == []
+    assert refused == ["unauthorized"]
 
 
 def _frame_bodies() -> st.SearchStrategy[list[bytes]]:
