@@ -332,8 +332,8 @@ def limiter(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
         SlidingWindowCounterRateLimiter,
     )
 
-    from relay_trio._ratelimit import LeakyBucket
-    from relay_trio._resources import ResourceTable
+    from relay_trio.core.limiter import LeakyBucket
+    from relay_trio.core.resources import ResourceTable
 
     resources = 100_000
     rounds = 1 if quick else 10
@@ -402,8 +402,8 @@ def _admit_path(ids: list[str], rounds: int) -> dict[str, Any]:
 
     import trio
 
-    from relay_trio._config import load_config
-    from relay_trio._relay import Relay
+    from relay_trio.core.config import load_config
+    from relay_trio.relay import Relay
 
     decisions = len(ids) * rounds
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,7 +43,7 @@ def _cpu() -> float:
 
 
 def _naive_ring_class() -> type:
-    from relay_trio._events import EventRing, Page
+    from relay_trio.core.events import EventRing, Page
 
     class NaiveRing(EventRing):
         """The seed-004 failure, in Python: copy the whole log per pull, then filter/slice."""
@@ -62,7 +62,7 @@ def _naive_ring_class() -> type:
 
 
 def _per_event_hub_class() -> type:
-    from relay_trio._hub import EventHub
+    from relay_trio.services.hub import EventHub
 
     class PerEventHub(EventHub):
         """One SSE write per event per subscriber (no coalescing at all)."""
@@ -137,10 +137,10 @@ async def _sse_publisher(
 
 
 def run_relay(args: dict[str, Any]) -> None:
-    from relay_trio._config import load_config
-    from relay_trio._events import EventRing
-    from relay_trio._relay import Relay
-    from relay_trio._server import RelayServer, tune_gc_for_serving
+    from relay_trio.core.config import load_config
+    from relay_trio.core.events import EventRing
+    from relay_trio.relay import Relay
+    from relay_trio.server import RelayServer, tune_gc_for_serving
 
     tmp = tempfile.mkdtemp(prefix="relay-bench-")
     overrides: dict[str, Any] = {
@@ -165,9 +165,9 @@ def run_relay(args: dict[str, Any]) -> None:
             write_budget=float("inf"),
         )
         # ...and streams that write each queued chunk separately (no joining).
-        import relay_trio._hub
+        import relay_trio.services.hub
 
-        relay_trio._hub.JOIN_LIMIT = 0  # type: ignore[misc]
+        relay_trio.services.hub.JOIN_LIMIT = 0  # type: ignore[misc]
     fill = int(args.get("fill_bytes", 0))
     if fill:
         ring: EventRing = relay.hub.ring

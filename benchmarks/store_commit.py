@@ -33,8 +33,9 @@ from typing import Any
 
 import trio
 
-from relay_trio._store import Changes, MessageRecord, ResourceRecord
-from relay_trio._store_sqlite import SqliteFile, SqliteStore, SyncMode
+from relay_trio.stores.base import Changes, MessageRecord, ResourceRecord
+from relay_trio.stores.sqlite import SqliteStore
+from relay_trio.stores.sqlite_file import SqliteFile, SyncMode
 
 BATCHES = (1, 100, 500)
 SYNCS: tuple[SyncMode, ...] = ("normal", "full")

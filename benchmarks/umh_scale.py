@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relay_trio._umh import RetryPolicy, UnconfirmedMessages
+from relay_trio.core.umh import RetryPolicy, UnconfirmedMessages
 
 DEFAULT_N = 1_000_000
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "umh_scale.json"

@@ -1,4 +1,4 @@
-"""mkdocs hook: generate the configuration reference from ``relay_trio._config``.
+"""mkdocs hook: generate the configuration reference from ``relay_trio.core.config``.
 
 The table replaces the ``<!-- CONFIG_TABLE -->`` marker in ``configuration.md`` on every
 build, so the page cannot drift from the code. Run as a script to print the table:
@@ -25,7 +25,7 @@ def _default(f: Any) -> str:
 
 def config_table() -> str:
     """The reference table: name, flag, environment variable, default, help."""
-    from relay_trio._config import ENV_PREFIX, config_fields, field_kind
+    from relay_trio.core.config import ENV_PREFIX, config_fields, field_kind
 
     rows = [
         "| setting | flag | environment | type | default | description |",

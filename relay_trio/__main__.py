@@ -1,5 +1,5 @@
 """``python -m relay_trio`` is the ``relay-trio`` command."""
 
-from ._cli import main
+from .cli import main
 
 main()

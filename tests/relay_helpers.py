@@ -11,11 +11,11 @@ import attrs
 import httpx
 import trio
 
-from relay_trio._config import RelayConfig, load_config
-from relay_trio._model import Accepted, Problem, validate_report
-from relay_trio._relay import Relay
-from relay_trio._sender import Outbound, SendResult, SendStatus
-from relay_trio._server import RelayServer
+from relay_trio.core.config import RelayConfig, load_config
+from relay_trio.core.model import Accepted, Problem, validate_report
+from relay_trio.relay import Relay
+from relay_trio.server import RelayServer
+from relay_trio.upstreams.base import Outbound, SendResult, SendStatus
 
 
 @attrs.define(eq=False)

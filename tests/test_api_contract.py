@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from relay_helpers import make_config, running_server
 
-from relay_trio._ids import (
+from relay_trio.core.ids import (
     CURSOR_MAX,
     MESSAGE_ID_MAX_LEN,
     MESSAGE_ID_PATTERN,

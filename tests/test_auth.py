@@ -13,7 +13,7 @@ import trio
 from click.testing import CliRunner
 from relay_helpers import make_config, running_server
 
-from relay_trio._cli import main as cli_main
+from relay_trio.cli import main as cli_main
 
 PROBLEM = "application/problem+json"
 

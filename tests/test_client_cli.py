@@ -11,7 +11,7 @@ import pytest
 import trio
 from relay_helpers import make_config, running_server
 
-from relay_trio._client import SseEvent, follow_events, send_reports
+from relay_trio.client import SseEvent, follow_events, send_reports
 
 
 async def test_send_over_http_batch_and_tcp_stream(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from relay_trio._cli import main
-from relay_trio._config import ConfigError, RelayConfig, load_config
+from relay_trio.cli import main
+from relay_trio.core.config import ConfigError, RelayConfig, load_config
 
 
 def test_defaults_match_the_design() -> None:

@@ -20,10 +20,10 @@ import trio
 from fake_upstream import Behaviour, FakeUpstream, run_fake_upstream
 from relay_helpers import eventually, make_config, running_server
 
-from relay_trio._relay import Relay
-from relay_trio._server import RelayServer
-from relay_trio._store import Changes, DeadLetterQuery, DeadLetterRecord, Ticket
-from relay_trio._store_memory import MemoryStore
+from relay_trio.relay import Relay
+from relay_trio.server import RelayServer
+from relay_trio.stores.base import Changes, DeadLetterQuery, DeadLetterRecord, Ticket
+from relay_trio.stores.memory import MemoryStore
 
 ADMIN = {"Authorization": "Bearer admin-Token-77"}
 

@@ -14,7 +14,7 @@ import trio
 from fake_upstream import Behaviour, FakeUpstream, run_fake_upstream
 from relay_helpers import eventually, make_config, running_server
 
-from relay_trio._umh import MessageState
+from relay_trio.core.umh import MessageState
 
 
 def fast_retry_config(tmp_path: Path, urls: list[str], **overrides: object) -> dict[str, object]:

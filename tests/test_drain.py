@@ -10,8 +10,8 @@ import trio
 import trio.testing
 from relay_helpers import memory_relay
 
-from relay_trio._relay import Relay
-from relay_trio._umh import MessageState
+from relay_trio.core.umh import MessageState
+from relay_trio.relay import Relay
 
 
 def system_kinds(relay: Relay) -> list[str]:

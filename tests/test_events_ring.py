@@ -8,7 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from relay_trio._events import (
+from relay_trio.core.events import (
     EVENT_OVERHEAD,
     TOPICS,
     Event,

@@ -21,8 +21,8 @@ import pytest
 import trio
 from relay_helpers import make_config, running_server
 
-from relay_trio._hypercorn_patch import FrontDoorPolicy, WriteWatchdog
-from relay_trio._server import ACCEPT_RETRY, HttpFrontDoor, RelayServer
+from relay_trio.http.hypercorn_patch import FrontDoorPolicy, WriteWatchdog
+from relay_trio.server import ACCEPT_RETRY, HttpFrontDoor, RelayServer
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nhost: relay\r\n\r\n"
 

@@ -12,8 +12,8 @@ import pytest
 import trio
 import trio.testing
 
-from relay_trio._events import EventRing
-from relay_trio._hub import HEARTBEAT, JOIN_LIMIT, REPLAY_PAGE, EventHub, SubscriberLimit
+from relay_trio.core.events import EventRing
+from relay_trio.services.hub import HEARTBEAT, JOIN_LIMIT, REPLAY_PAGE, EventHub, SubscriberLimit
 
 AT = "2026-01-01T00:00:00Z"
 

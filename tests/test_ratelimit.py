@@ -7,7 +7,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay_trio._ratelimit import LeakyBucket, retry_after_header
+from relay_trio.core.limiter import LeakyBucket, retry_after_header
 
 
 def test_one_per_minute_refills_after_exactly_sixty_seconds() -> None:

@@ -15,9 +15,9 @@ import pytest
 import trio
 from relay_helpers import FakeAdmitter
 
-from relay_trio._listen import parse_listen
-from relay_trio._model import Accepted, Problem
-from relay_trio._receiver import ReceiverLimits, StreamReceiver
+from relay_trio.core.listen import parse_listen
+from relay_trio.core.model import Accepted, Problem
+from relay_trio.stream.receiver import ReceiverLimits, StreamReceiver
 
 TCP_ANY = "tcp://127.0.0.1:0"
 

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from relay_helpers import FakeAdmitter
 
-from relay_trio._identity import Identity
-from relay_trio._receiver import ReceiverLimits, StreamReceiver
+from relay_trio.core.identity import Identity
+from relay_trio.stream.receiver import ReceiverLimits, StreamReceiver
 
 TCP = Identity(listen="tcp://127.0.0.1:0", peer="test")
 

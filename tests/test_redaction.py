@@ -15,10 +15,10 @@ import trio
 from click.testing import CliRunner
 from relay_helpers import memory_relay, running_server
 
-from relay_trio._cli import main as cli_main
-from relay_trio._config import ConfigError, load_config
-from relay_trio._redact import redact_url
-from relay_trio._upstreams import HealthPolicy, UpstreamRouter
+from relay_trio.cli import main as cli_main
+from relay_trio.core.config import ConfigError, load_config
+from relay_trio.core.redact import redact_url
+from relay_trio.core.routing import HealthPolicy, UpstreamRouter
 
 SECRET = "s3cr3t-pa55"
 

@@ -12,8 +12,8 @@ import trio
 import trio.testing
 from relay_helpers import MemoryUpstream, memory_relay
 
-from relay_trio._model import Accepted, Problem
-from relay_trio._relay import Relay
+from relay_trio.core.model import Accepted, Problem
+from relay_trio.relay import Relay
 
 
 @asynccontextmanager
@@ -196,7 +196,8 @@ async def test_file_upstream_moves_to_a_thread_after_a_slow_append(
     tmp_path: Path, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A manual clock (no autojump): worker threads must not make virtual time run away.
-    from relay_trio._sender import SLOW_WRITE_BACKOFF, FileUpstream, Outbound
+    from relay_trio.upstreams.base import Outbound
+    from relay_trio.upstreams.file import SLOW_WRITE_BACKOFF, FileUpstream
 
     up = FileUpstream(f"file://{tmp_path}/sink.jsonl")
     msg = Outbound("r:1", "r", None, {"x": 1}, 1, 0)

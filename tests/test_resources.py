@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay_trio._resources import ResourceState, ResourceTable
+from relay_trio.core.resources import ResourceState, ResourceTable
 
 
 def test_cap_evicts_least_recently_used_and_reports_it() -> None:

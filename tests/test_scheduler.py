@@ -8,8 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from relay_trio._scheduler import DeadlineScheduler
-from relay_trio._umh import Due, MessageState, RetryPolicy, UnconfirmedMessages
+from relay_trio.core.umh import Due, MessageState, RetryPolicy, UnconfirmedMessages
+from relay_trio.services.scheduler import DeadlineScheduler
 
 SEED = 99
 

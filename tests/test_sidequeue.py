@@ -20,15 +20,12 @@ from hypercorn.trio import serve
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay_trio._sidequeue import (
-    AuditFileSink,
-    SideQueue,
-    SideSink,
-    UdpSink,
-    WebhookSink,
-    build_sinks,
-    parse_udp_target,
-)
+from relay_trio.services.sidequeue import SideQueue
+from relay_trio.sinks.audit import AuditFileSink
+from relay_trio.sinks.base import SideSink
+from relay_trio.sinks.factory import build_sinks
+from relay_trio.sinks.udp import UdpSink, parse_udp_target
+from relay_trio.sinks.webhook import WebhookSink
 
 # --------------------------------------------------------------------------- test sinks
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from relay_trio._store import (
+from relay_trio.stores.base import (
     SEQ_FLOOR,
     AttemptRecord,
     Changes,
@@ -29,8 +29,8 @@ from relay_trio._store import (
     attempts_from_json,
     attempts_to_json,
 )
-from relay_trio._store_memory import MemoryStore
-from relay_trio._store_sqlite import SqliteFile
+from relay_trio.stores.memory import MemoryStore
+from relay_trio.stores.sqlite_file import SqliteFile
 
 # --- helpers --------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from relay_trio._store import (
+from relay_trio.stores.base import (
     SEQ_FLOOR,
     Changes,
     DeadLetterQuery,
@@ -23,14 +23,9 @@ from relay_trio._store import (
     ResourceRecord,
     StoreError,
 )
-from relay_trio._store_memory import MemoryStore
-from relay_trio._store_sqlite import (
-    SCHEMA_VERSION,
-    CommitResult,
-    SqliteFile,
-    SqliteStore,
-    SyncMode,
-)
+from relay_trio.stores.memory import MemoryStore
+from relay_trio.stores.sqlite import SqliteStore
+from relay_trio.stores.sqlite_file import SCHEMA_VERSION, CommitResult, SqliteFile, SyncMode
 
 
 def report(i: int, rid: str = "vm") -> Changes:

@@ -10,7 +10,7 @@ import orjson
 import trio
 from relay_helpers import eventually, make_config, running_server
 
-from relay_trio._listen import parse_listen
+from relay_trio.core.listen import parse_listen
 
 TOKEN = "s3cret-ingest"
 

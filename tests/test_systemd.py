@@ -15,8 +15,8 @@ import trio
 import trio.testing
 from relay_helpers import make_config
 
-from relay_trio._server import RelayServer
-from relay_trio._systemd import SystemdNotifier, socket_address, watchdog_interval
+from relay_trio.server import RelayServer
+from relay_trio.systemd import SystemdNotifier, socket_address, watchdog_interval
 
 
 @attrs.define

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from relay_trio._umh import (
+from relay_trio.core.umh import (
     AckOutcome,
     Attempt,
     DeadLetterLog,

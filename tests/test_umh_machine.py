@@ -19,7 +19,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from relay_trio._umh import MessageState, Phase, RetryPolicy, UnconfirmedMessages
+from relay_trio.core.umh import MessageState, Phase, RetryPolicy, UnconfirmedMessages
 
 POLICY = RetryPolicy(ack_timeout=5.0, retry_base=2.0, retry_cap=20.0, max_attempts=4, max_age=60.0)
 RESOURCES = ("a", "b", "c")

@@ -32,17 +32,12 @@ import trio.testing
 from fake_upstream import Behaviour, run_fake_upstream
 from relay_helpers import make_config, running_server
 
-from relay_trio._model import Accepted
-from relay_trio._relay import Relay
-from relay_trio._sender import (
-    HttpUpstream,
-    Outbound,
-    SendResult,
-    SendStatus,
-    open_upstream,
-    parse_retry_after,
-)
-from relay_trio._umh import MessageState, Phase, RetryPolicy, UnconfirmedMessages
+from relay_trio.core.model import Accepted
+from relay_trio.core.umh import MessageState, Phase, RetryPolicy, UnconfirmedMessages
+from relay_trio.relay import Relay
+from relay_trio.upstreams.base import Outbound, SendResult, SendStatus
+from relay_trio.upstreams.factory import open_upstream
+from relay_trio.upstreams.http import HttpUpstream, parse_retry_after
 
 MIB = 1024 * 1024
 URL = "http://upstream.test/ingest"

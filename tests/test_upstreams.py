@@ -1,4 +1,4 @@
-"""Tests for relay_trio._upstreams: rendezvous routing and hysteresis health."""
+"""Tests for relay_trio.core.routing: rendezvous routing and hysteresis health."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from relay_trio._upstreams import HealthPolicy, UpstreamRouter, rendezvous_score
+from relay_trio.core.routing import HealthPolicy, UpstreamRouter, rendezvous_score
 
 URLS3 = ["http://a/ingest", "http://b/ingest", "http://c/ingest"]
 
@@ -103,7 +103,7 @@ def test_ranking_golden_values() -> None:
 
 def test_ranking_is_stable_across_processes_with_different_hash_seeds() -> None:
     code = (
-        "import random; from relay_trio._upstreams import UpstreamRouter, HealthPolicy;"
+        "import random; from relay_trio.core.routing import UpstreamRouter, HealthPolicy;"
         f"r = UpstreamRouter({URLS3!r}, HealthPolicy(), random.Random());"
         "print([r.ranking(f'vm-{i}') for i in range(50)])"
     )

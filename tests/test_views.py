@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from relay_trio._views import rfc3339
+from relay_trio.core.views import rfc3339
 
 
 def test_rfc3339_matches_datetime_isoformat() -> None:

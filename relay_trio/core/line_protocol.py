@@ -1,0 +1,250 @@
+"""The NDJSON line protocol of the stream receiver, sans-I/O: bytes in, reply bytes out.
+
+No Trio, no sockets, no clock: :class:`LineConnection` is fed the bytes one connection
+received and returns the bytes to write back, like ``h11.Connection``. The stream receiver
+(``_receiver.py``) drives it with deadlines and connection limits; the batch route reuses
+:func:`reply_line` so both doors answer in the same shape.
+
+Wire protocol (one connection):
+
+* client → relay: newline-delimited JSON, one report object per line. Blank lines get no
+  reply but count as input lines (and as keepalives: they reset the idle deadline).
+* relay → client: one JSON line per non-blank input line, in order: ``{"message_id": ...,
+  "line": N}`` or an RFC 9457 problem object (``status``, ``type``, ``retry_after`` for
+  429...) with ``"line": N``. ``line`` is the 1-based number of the input line on this
+  connection, blank lines and the handshake line included, so a client can pair replies
+  with what it sent.
+* Handshake: when the relay has an ``ingest_token``, the first non-blank line must be
+  ``{"token": "..."}``, answered ``{"ok": true, "line": N}``. A missing or wrong token
+  gets a 401 ``unauthorized`` reply line and the connection is closed: nothing sent on it
+  is admitted. Tokens are compared in constant time.
+* A line longer than the frame limit gets a 413 ``too-large`` reply and the connection is
+  closed (the relay stops reading it).
+* The relay may send one unsolicited problem line (without ``line``) right before it
+  closes the connection: 503 ``too-many-connections`` / ``shutting-down``, 403
+  ``peer-not-allowed``, 408 ``idle-timeout``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Sequence
+
+import attrs
+import orjson
+
+from .identity import identity_problem
+from .model import Accepted, Problem, malformed, reply_for, too_large
+
+__all__ = [
+    "LineConnection",
+    "LineCounters",
+    "idle_timeout",
+    "problem_line",
+    "reply_line",
+    "shutting_down",
+    "token_digest",
+    "too_many_connections",
+    "unauthorized",
+]
+
+
+def reply_line(result: Accepted | Problem, line: int) -> bytes:
+    """The NDJSON reply to input line ``line`` (1-based), newline included. Pure."""
+    body = reply_for(result)
+    body["line"] = line
+    return orjson.dumps(body) + b"\n"
+
+
+def problem_line(problem: Problem) -> bytes:
+    """An unsolicited problem line (answers no input line), newline included. Pure."""
+    return orjson.dumps(problem.to_dict()) + b"\n"
+
+
+def too_many_connections(detail: str) -> Problem:
+    """503: every connection slot is taken."""
+    return Problem(503, "too-many-connections", "Too many connections", detail)
+
+
+def idle_timeout(seconds: float) -> Problem:
+    """408: no complete line within the idle deadline."""
+    return Problem(
+        408, "idle-timeout", "Idle timeout", f"no complete line within {seconds:g} seconds"
+    )
+
+
+def shutting_down() -> Problem:
+    """503: the relay is draining its stream connections."""
+    return Problem(503, "shutting-down", "Shutting down", "the relay is draining connections")
+
+
+def unauthorized() -> Problem:
+    """401: the handshake line is missing or carries the wrong token."""
+    return Problem(
+        401,
+        "unauthorized",
+        "Unauthorized",
+        'the first line must be {"token": "..."} with the ingest token',
+    )
+
+
+def token_digest(token: str) -> bytes:
+    """What :class:`LineConnection` compares: a fixed-length digest, so the comparison
+    takes the same time whatever the length of the token a client sends."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _token_matches(line: bytes | bytearray, expected: bytes) -> bool:
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    got = obj.get("token") if isinstance(obj, dict) else None
+    if not isinstance(got, str):
+        return False
+    return hmac.compare_digest(token_digest(got), expected)
+
+
+def _count_nothing(_reason: str) -> None:
+    pass
+
+
+@attrs.define(eq=False)
+class LineCounters:
+    """Totals over every connection of one receiver. Shared by its connections."""
+
+    lines_ok: int = 0
+    lines_rejected: int = 0
+    frames_too_large: int = 0
+    auth_failures: int = 0
+    #: Largest per-connection read buffer seen; never exceeds max_frame + one read.
+    buffer_high_water: int = 0
+
+
+@attrs.define(eq=False)
+class LineConnection:
+    """One connection's state in the line protocol: framing, handshake, line numbers.
+
+    ``admit`` is the relay's admission (synchronous, never raises for bad input).
+    ``token`` is the :func:`token_digest` of the token the handshake must present, or
+    None for no handshake. ``cid`` is the VSOCK peer's CID, which binds resource ids.
+    ``count_refused(reason)`` is called once for every line refused before admission
+    (``malformed``, ``too_large``, ``unauthorized``), so the relay's report counters add
+    up the same way for every door. Every method is synchronous and never blocks.
+    """
+
+    admit: Callable[[object], Accepted | Problem]
+    max_frame: int
+    token: bytes | None = None
+    cid: int | None = None
+    counters: LineCounters = attrs.field(factory=LineCounters)
+    count_refused: Callable[[str], None] = _count_nothing
+
+    #: Complete input lines so far (blank ones included): the last ``line`` number used.
+    lines_read: int = attrs.field(init=False, default=0)
+    #: Lines admitted on this connection: when it grows, the driver awaits durability
+    #: before it writes the replies.
+    admitted: int = attrs.field(init=False, default=0)
+    #: True once the relay must close: after a 413 or a failed handshake, or after EOF.
+    closed: bool = attrs.field(init=False, default=False)
+    _authed: bool = attrs.field(init=False)
+    _buf: bytearray = attrs.field(init=False, factory=bytearray)
+
+    def __attrs_post_init__(self) -> None:
+        self._authed = self.token is None
+
+    @property
+    def mid_line(self) -> bool:
+        """True while part of a line has arrived but not its newline."""
+        return bool(self._buf)
+
+    def receive_data(self, data: bytes | bytearray) -> bytes:
+        """Feed received bytes; return the replies to every line they complete (maybe
+        ``b""``). The buffer never holds more than ``max_frame`` plus one ``data``: a
+        line longer than that is answered 413 and the connection ``closed``.
+        """
+        if self.closed:
+            return b""
+        buf = self._buf
+        start = len(buf)
+        buf += data
+        self.counters.buffer_high_water = max(self.counters.buffer_high_water, len(buf))
+        newline = buf.rfind(b"\n", start)
+        if newline < 0:
+            if len(buf) > self.max_frame:
+                return self._answer([buf])
+            return b""
+        lines: list[bytes | bytearray] = list(buf[:newline].split(b"\n"))
+        del buf[: newline + 1]
+        if len(buf) > self.max_frame:
+            lines.append(buf)  # the unfinished tail is already too long: answer 413
+        return self._answer(lines)
+
+    def receive_eof(self) -> bytes:
+        """The peer finished sending: a last line without its newline is still a line.
+        Returns its reply (maybe ``b""``); the connection is ``closed`` afterwards."""
+        if self.closed:
+            return b""
+        out = self._answer([bytes(self._buf)]) if self._buf else b""
+        self._buf.clear()
+        self.closed = True
+        return out
+
+    def _answer(self, lines: Sequence[bytes | bytearray]) -> bytes:
+        """Reply lines for ``lines``, joined for one write.
+
+        Admission never awaits, and one write per read keeps the per-line cost down to a
+        JSON parse, an admit() and a dumps().
+        """
+        max_frame = self.max_frame
+        counters = self.counters
+        admit = self.admit
+        cid = self.cid
+        replies: list[bytes] = []
+        number = self.lines_read
+        for line in lines:
+            number += 1
+            if len(line) > max_frame:
+                counters.frames_too_large += 1
+                counters.lines_rejected += 1
+                self.count_refused("too_large")
+                replies.append(reply_line(too_large(max_frame), number))
+                self.closed = True
+                break
+            if not line or line.isspace():
+                continue
+            if not self._authed:
+                assert self.token is not None
+                if not _token_matches(line, self.token):
+                    counters.auth_failures += 1
+                    counters.lines_rejected += 1
+                    self.count_refused("unauthorized")
+                    replies.append(reply_line(unauthorized(), number))
+                    self.closed = True
+                    break
+                self._authed = True
+                replies.append(b'{"ok":true,"line":%d}\n' % number)
+                continue
+            result: Accepted | Problem
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                self.count_refused("malformed")
+                result = malformed(str(exc))
+            else:
+                refused = identity_problem(obj, cid)
+                if refused is None:
+                    result = admit(obj)
+                else:
+                    # A report for another guest's resource is refused like a bad token.
+                    self.count_refused("unauthorized")
+                    result = refused
+            if isinstance(result, Accepted):
+                counters.lines_ok += 1
+                self.admitted += 1
+            else:
+                counters.lines_rejected += 1
+            replies.append(reply_line(result, number))
+        self.lines_read = number
+        return b"".join(replies)

@@ -1,0 +1,150 @@
+"""Query-parameter and body parsers of the HTTP routes: one parser per parameter, each
+answering a 422 problem that names it. Pure functions of their input (and of quart's
+``request`` for query parameters); the OpenAPI document publishes the same bounds.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any, Final
+
+from quart import request
+
+from ..core.events import MAX_PAGE, TOPICS
+from ..core.ids import CURSOR_MAX, MessageId
+from ..core.model import (
+    MAX_FILTER_LEN,
+    MAX_TIMESTAMP_LEN,
+    Problem,
+    invalid,
+    invalid_query,
+    parse_bounded_int,
+)
+from ..services.redrive import RedriveRequest
+from ..stores.base import DeadLetterQuery
+
+log = logging.getLogger("relay_trio.http")
+
+
+def int_value(name: str, raw: str, low: int, high: int) -> int | Problem:
+    """``raw`` (from the query parameter or header ``name``) as an integer in ``[low, high]``,
+    or a 422 problem naming it. Every integer parameter goes through here."""
+    value = parse_bounded_int(raw, low, high)
+    if value is None:
+        return invalid_query(name, f"{name} must be an integer in [{low}, {high}]")
+    return value
+
+
+def int_param(name: str, default: int | None, low: int, high: int) -> int | Problem | None:
+    """The bounded integer query parameter ``name`` (``default`` when absent), or a 422."""
+    raw = request.args.get(name)
+    return default if raw is None else int_value(name, raw, low, high)
+
+
+def store_unavailable(exc: Exception) -> Problem:
+    """503 when the store could not commit: nothing was promised, the client may retry."""
+    log.error("store commit failed: %s", exc)
+    return Problem(503, "store-unavailable", "Store unavailable", str(exc), retry_after=5.0)
+
+
+_FILTERS: Final = ("resource_id", "reason", "upstream")
+_REDRIVE_KEYS: Final = frozenset(
+    {"message_ids", "dry_run", "limit", "force", "since", "until", *_FILTERS}
+)
+
+
+def _timestamp(name: str, value: object) -> float | Problem | None:
+    """An RFC 3339 timestamp as Unix seconds (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_TIMESTAMP_LEN:
+        return invalid(field=name, detail=f"{name} must be an RFC 3339 timestamp")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return invalid(field=name, detail=f"{name} must be an RFC 3339 timestamp")
+    if parsed.tzinfo is None:
+        return invalid(field=name, detail=f"{name} must carry a time zone (Z or an offset)")
+    return parsed.timestamp()
+
+
+def _filters(source: Any) -> dict[str, Any] | Problem:
+    """The dead-letter filter fields shared by the list and redrive routes."""
+    out: dict[str, Any] = {}
+    for name in _FILTERS:
+        value = source.get(name)
+        if value is not None and (
+            not isinstance(value, str) or not 1 <= len(value) <= MAX_FILTER_LEN
+        ):
+            return invalid(field=name, detail=f"{name} must be a non-empty string")
+        out[name] = value
+    for name in ("since", "until"):
+        ts = _timestamp(name, source.get(name))
+        if isinstance(ts, Problem):
+            return ts
+        out[name] = ts
+    return out
+
+
+def dead_letter_query(args: Any) -> DeadLetterQuery | Problem:
+    """``GET /v1/deadletters`` query parameters (filters, ``cursor``, ``limit``)."""
+    cursor = int_param("cursor", 0, 0, CURSOR_MAX)
+    if isinstance(cursor, Problem):
+        return cursor
+    limit = int_param("limit", 100, 1, MAX_PAGE)
+    if isinstance(limit, Problem):
+        return limit
+    filters = _filters(args)
+    if isinstance(filters, Problem):
+        return filters
+    return DeadLetterQuery(**filters, message_ids=None, after_index=cursor or 0, limit=limit or 100)
+
+
+def redrive_request(obj: object) -> RedriveRequest | Problem:
+    """``POST /v1/deadletters:redrive`` body: filters or ``message_ids``, ``dry_run``,
+    ``limit`` [100, at most 1000], ``force``."""
+    if not isinstance(obj, dict):
+        return invalid(field="body", detail="body must be a JSON object")
+    unknown = set(obj) - _REDRIVE_KEYS
+    if unknown:
+        return invalid(field=min(unknown), detail=f"unknown field {min(unknown)!r}")
+    filters = _filters(obj)
+    if isinstance(filters, Problem):
+        return filters
+    ids = obj.get("message_ids")
+    if ids is not None and (
+        not isinstance(ids, list)
+        or not 1 <= len(ids) <= MAX_PAGE
+        or any(MessageId.split(i) is None for i in ids)
+    ):
+        return invalid(field="message_ids", detail=f"message_ids must be 1..{MAX_PAGE} message ids")
+    limit = obj.get("limit", 100)
+    # JSON has one number type: 42.0 is the integer 42 (as JSON Schema's "integer" says).
+    if isinstance(limit, float) and limit.is_integer():
+        limit = int(limit)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        return invalid(field="limit", detail=f"limit must be an integer in [1, {MAX_PAGE}]")
+    flags: dict[str, bool] = {}
+    for name in ("dry_run", "force"):
+        value = obj.get(name, False)
+        if not isinstance(value, bool):
+            return invalid(field=name, detail=f"{name} must be true or false")
+        flags[name] = value
+    if ids is None and not any(v is not None for v in filters.values()):
+        return invalid(field="message_ids", detail="give message_ids or at least one filter")
+    query = DeadLetterQuery(
+        **filters,
+        message_ids=None if ids is None else tuple(ids),
+        after_index=0,
+        limit=limit,
+    )
+    return RedriveRequest(query, dry_run=flags["dry_run"], force=flags["force"])
+
+
+def topic_param() -> str | Problem | None:
+    """The optional ``topic`` query parameter, validated against the known topics."""
+    topic = request.args.get("topic")
+    if topic is not None and topic not in TOPICS:
+        return invalid_query("topic", f"topic must be one of {', '.join(sorted(TOPICS))}")
+    return topic

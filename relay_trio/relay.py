@@ -1,0 +1,497 @@
+"""The composition root: builds every part of one relay, injects them, runs them.
+
+``Relay`` owns no decisions of its own. It builds the store, the event hub and publisher,
+delivery (UMH, scheduler, senders, router), admission, dead letters and the side queue,
+wires them together (each gets what it uses, none calls back into this object) and runs
+their long-lived tasks in one nursery. The methods here are the surface the front doors
+and the server use; each delegates to the part that owns the decision.
+
+The path of one report: front door → :meth:`Admission.admit` (bucket, id, stage in the
+store, hand to delivery) → the front door awaits :meth:`Admission.durable` → 2xx. Delivery's
+senders send it; an ACK comes back through :meth:`Delivery.acknowledge`.
+
+Longer than 400 lines: besides wiring, the composition root holds the two views that
+read every part at once (``/v1/status`` and the resource view) and the recovery at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any, Literal, Protocol, cast
+
+import attrs
+import orjson
+import trio
+import trio_util
+
+from . import __version__
+from .core.config import RelayConfig
+from .core.events import TOPICS, EventRing
+from .core.model import Accepted, Problem
+from .core.resources import ResourceState, ResourceTable
+from .core.routing import UpstreamRouter
+from .core.umh import Attempt, UnconfirmedMessages
+from .core.views import dead_letter_view, pending_view, rfc3339, wall_converter
+from .metrics import RelayMetrics
+from .services.admission import Admission, forget
+from .services.deadletters import DeadLetterBook, page_view
+from .services.delivery import Delivery
+from .services.hub import EventHub
+from .services.publisher import META_EVENT_ID, EventPublisher
+from .services.redrive import RedriveRequest, redrive
+from .services.scheduler import DeadlineScheduler
+from .services.senders import SenderPool
+from .services.sidequeue import SideQueue
+from .sinks.factory import build_sinks
+from .stores.base import DeadLetterQuery, Recovered, Store
+from .stores.memory import MemoryStore
+from .upstreams.base import Upstream
+from .upstreams.factory import upstream_builder
+
+log = logging.getLogger("relay_trio")
+
+
+class SupportsDrain(Protocol):
+    """A front door that can finish its in-flight work within a bound."""
+
+    async def drain(self, timeout: float) -> None: ...  # noqa: ASYNC109
+
+
+def open_store(config: RelayConfig) -> Store:
+    """The store the config names (``sqlite``: ``<data_dir>/relay.db``; ``memory``)."""
+    if config.store == "memory":
+        return MemoryStore(config.max_dead_letters)
+    from .stores.sqlite import SqliteStore
+
+    sync = cast(Literal["normal", "full", "off"], config.store_sync)  # validated by config
+    return SqliteStore(Path(config.data_dir) / "relay.db", sync, config.max_dead_letters)
+
+
+@attrs.define(eq=False)
+class Relay:
+    """One relay instance: build it from a config, then ``await nursery.start(relay.run)``."""
+
+    config: RelayConfig
+    wall_clock: Callable[[], float] = time.time
+    rng: random.Random = attrs.field(factory=random.Random)
+    metrics: RelayMetrics = attrs.field(factory=RelayMetrics)
+    #: Builds the client for each upstream URL (tests inject in-memory upstreams).
+    upstream_factory: Callable[[str, float], Upstream] = attrs.field(
+        default=attrs.Factory(
+            lambda self: upstream_builder(
+                concurrency=self.config.upstream_concurrency,
+                max_response_bytes=self.config.upstream_max_response_bytes,
+                wall_clock=self.wall_clock,
+            ),
+            takes_self=True,
+        )
+    )
+    store: Store = attrs.field(default=attrs.Factory(lambda self: open_store(self.config), True))
+
+    resources: ResourceTable = attrs.field(init=False)
+    hub: EventHub = attrs.field(init=False)
+    events: EventPublisher = attrs.field(init=False)
+    dead_letter_book: DeadLetterBook = attrs.field(init=False)
+    delivery: Delivery = attrs.field(init=False)
+    admission: Admission = attrs.field(init=False)
+    side: SideQueue = attrs.field(init=False)
+    ready: trio_util.AsyncBool = attrs.field(init=False, factory=trio_util.AsyncBool)
+    draining: bool = attrs.field(init=False, default=False)
+    started_at: float = attrs.field(init=False, default=0.0)
+    shutdown_requested: trio.Event = attrs.field(init=False, factory=trio.Event)
+    shutdown_reason: str = attrs.field(init=False, default="")
+    recovered_messages: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        c = self.config
+        self.resources = ResourceTable(c.max_resources)
+        self.hub = EventHub(
+            EventRing(c.event_ring_size, c.event_ring_bytes),
+            max_subscribers=c.max_subscribers,
+            max_subscribers_per_topic=c.effective_max_subscribers_per_topic,
+            subscriber_buffer=c.subscriber_buffer,
+            heartbeat_interval=c.heartbeat_interval,
+            coalesce_interval=c.coalesce_interval,
+            write_budget=c.sse_write_budget,
+        )
+        self.events = EventPublisher(self.hub, self.store, self.metrics, self.wall_clock)
+        self.dead_letter_book = DeadLetterBook(
+            self.store, self.events, self.metrics, self.wall_clock
+        )
+        self.delivery = Delivery(
+            c,
+            self.resources,
+            self.store,
+            self.dead_letter_book,
+            self.events,
+            self.metrics,
+            [self.upstream_factory(url, c.send_timeout) for url in c.effective_upstreams],
+            self.rng,
+            self.wall_clock,
+        )
+        self.side = SideQueue(
+            build_sinks(c.side_audit_file, c.side_udp, c.side_webhook, None),
+            queue_size=c.side_queue_size,
+            timeout=c.side_timeout,
+        )
+        self.admission = Admission(
+            c,
+            self.resources,
+            self.store,
+            self.delivery,
+            self.events,
+            self.metrics,
+            self.side,
+            self.wall_clock,
+        )
+        self._register_gauges()
+
+    # -- the parts, by the names the front doors and tests use ----------------------------
+
+    @property
+    def umh(self) -> UnconfirmedMessages:
+        """Delivery's unconfirmed-message handler."""
+        return self.delivery.umh
+
+    @property
+    def router(self) -> UpstreamRouter:
+        """Delivery's upstream router."""
+        return self.delivery.router
+
+    @property
+    def scheduler(self) -> DeadlineScheduler:
+        """Delivery's deadline scheduler."""
+        return self.delivery.scheduler
+
+    @property
+    def senders(self) -> SenderPool:
+        """Delivery's sender pool."""
+        return self.delivery.senders
+
+    @property
+    def upstreams(self) -> list[Upstream]:
+        """The upstream clients, in ``effective_upstreams`` order."""
+        return self.delivery.upstreams
+
+    def publish(self, topic: str, data: dict[str, Any]) -> None:
+        """Publish one event (never blocks; the ring rejects an unknown topic)."""
+        self.events.publish(topic, data)
+
+    def admit(self, obj: object) -> Accepted | Problem:
+        """Admit one report (see :meth:`Admission.admit`); await :meth:`durable` before 2xx."""
+        return self.admission.admit(obj)
+
+    async def durable(self) -> None:
+        """Wait until every report admitted so far is committed (see :meth:`Admission.durable`)."""
+        await self.admission.durable()
+
+    def acknowledge(
+        self,
+        message_id: str,
+        status: str,
+        reason: str | None,
+        retry_after: float | None,
+        *,
+        synchronous: bool = False,
+    ) -> str:
+        """Feed one ACK or NACK to delivery; returns the outcome. Never blocks."""
+        return self.delivery.acknowledge(
+            message_id, status, reason, retry_after, synchronous=synchronous
+        )
+
+    # -- views ---------------------------------------------------------------------------
+
+    def resource_view(self, resource_id: str) -> dict[str, Any] | None:
+        """The JSON view of one resource for ``GET /v1/resources/{id}``."""
+        state = self.resources.get(resource_id)
+        if state is None:
+            return None
+        now = trio.current_time()
+        wall_of = wall_converter(now, self.wall_clock())
+        c = self.config
+        bucket = self.admission.bucket
+        headroom = bucket.headroom(state.level, state.last, now)
+        pending = self.umh.pending_for(resource_id)
+        return {
+            "resource_id": resource_id,
+            "seq": state.seq,
+            "admitted": state.admitted,
+            "rejected": state.rejected,
+            "created_at": wall_of(state.created_at),
+            "updated_at": wall_of(state.updated_at),
+            "last_acked_at": wall_of(state.last_acked_at),
+            "awaiting_ack_since": wall_of(state.awaiting_ack_since),
+            "stale_ack": state.is_stale(now, c.stale_ack_threshold),
+            "bucket": {
+                "level": round(bucket.drained(state.level, state.last, now), 6),
+                "burst": c.burst,
+                "rate_per_minute": c.rate_per_minute,
+                "available": round(max(0.0, headroom), 6),
+            },
+            "upstream": self.router.urls[self.router.pick(resource_id) or 0],
+            "pending": None if pending is None else pending_view(pending, wall_of),
+            "has_cached_payload": state.payload is not None,
+            "last_dead_letter": None
+            if state.last_dead_letter is None
+            else dead_letter_view(state.last_dead_letter, wall_of),
+        }
+
+    async def dead_letter_page(self, query: DeadLetterQuery) -> dict[str, Any]:
+        """``GET /v1/deadletters``: stored dead letters matching ``query``, oldest first."""
+        page = await self.store.query_dead_letters(query)
+        return page_view(page, self.store.stats().dead_letters_pruned)
+
+    async def redrive(self, request: RedriveRequest) -> dict[str, Any]:
+        """``POST /v1/deadletters:redrive``: see :func:`relay_trio.services.redrive.redrive`."""
+        return await redrive(request, self.store, self.delivery, self.resources, self.events)
+
+    def status(self) -> dict[str, Any]:
+        """Counters and gauges as JSON (``GET /v1/status``), like NATS ``/varz``."""
+        umh = self.umh
+        store = self.store.stats()
+        return {
+            "version": __version__,
+            "uptime_seconds": round(trio.current_time() - self.started_at, 3),
+            "ready": self.ready.value and not self.draining,
+            "draining": self.draining,
+            "counters": {
+                "reports_received": int(self.metrics.reports_received.value),
+                "reports_admitted": int(self.metrics.reports_admitted.value),
+                **{f"rejected_{k}": int(v.value) for k, v in self.metrics.rejected.items()},
+                **{f"umh_{k}": v for k, v in umh.counters().items()},
+                "events_published": self.hub.published,
+                "sse_overflowed": self.hub.overflowed,
+                "resources_evicted_lru": self.resources.evicted_lru,
+                "resources_evicted_idle": self.resources.evicted_idle,
+                "recovered_messages": self.recovered_messages,
+            },
+            "gauges": {
+                "pending_messages": umh.pending_count(),
+                "resources": len(self.resources),
+                "send_queue": self.delivery.send_queue_used,
+                "sends_in_flight": self.senders.in_flight,
+                "sse_subscribers": self.hub.subscriber_count(),
+            },
+            "store": {"kind": self.store.kind, **attrs.asdict(store)},
+            "events": {"first_id": self.hub.ring.first_id, "last_id": self.hub.ring.last_id},
+            "upstreams": self.router.states(),
+            "side_queue": self.side.stats(),
+            "metrics": self.metrics.snapshot(),
+            "config": self.config.summary(),
+        }
+
+    def _register_gauges(self) -> None:
+        m = self.metrics
+        m.gauge("relay_pending_messages", "Messages awaiting ACK or retry", self.umh.pending_count)
+        m.gauge("relay_resources", "Resources tracked", lambda: len(self.resources))
+        m.gauge(
+            "relay_store_pending_rows",
+            "Messages stored awaiting ACK or retry",
+            lambda: self.store.stats().pending_rows,
+        )
+        m.gauge(
+            "relay_store_dead_letters",
+            "Dead letters kept in the store",
+            lambda: self.store.stats().dead_letters,
+        )
+        m.gauge(
+            "relay_store_file_bytes",
+            "Size of the store's files (database and write-ahead log)",
+            lambda: self.store.stats().file_bytes,
+        )
+        m.labelled_function(
+            "relay_store_dead_letters_pruned_total",
+            "Dead letters removed to stay within max_dead_letters",
+            (),
+            lambda: {(): self.store.stats().dead_letters_pruned},
+            counter=True,
+        )
+        m.labelled_function(
+            "relay_events_dropped_total",
+            "Events not delivered to SSE subscribers that fell behind",
+            (),
+            lambda: {(): self.hub.dropped},
+            counter=True,
+        )
+        m.labelled_function(
+            "relay_upstream_up",
+            "1 while an upstream is up, 0 while marked down",
+            ("upstream",),
+            lambda: {(s["url"],): float(s["up"]) for s in self.router.states()},
+        )
+        m.labelled_function(
+            "relay_sse_subscribers",
+            "SSE subscribers receiving each topic",
+            ("topic",),
+            lambda: {(t,): self.hub.subscriber_count(t) for t in sorted(TOPICS)},
+        )
+        m.labelled_function(
+            "relay_side_queue_drops_total",
+            "Side-queue records dropped (queue full or closed), by sink",
+            ("sink",),
+            lambda: {
+                (name,): row["dropped_full"] + row["dropped_closed"]
+                for name, row in self.side.stats().items()
+            },
+            counter=True,
+        )
+        self.store.on_commit = m.observe_commit
+
+    # -- start: recover what the store holds ----------------------------------------------
+
+    def _recover(self, recovered: Recovered) -> None:
+        """Rebuild resources, pending messages and the event id sequence from the store.
+
+        Overdue messages are spread at ``recovery_rate`` per second so a large backlog does
+        not stampede the upstream. Synchronous; runs before any front door is open.
+        """
+        now = trio.current_time()
+        offset = self.wall_clock() - now
+        self.resources.seq_floor = recovered.meta.get("seq_floor", 0)
+        for r in recovered.resources:
+            state = ResourceState(r.resource_id, created_at=now, updated_at=now)
+            state.seq, state.level, state.last = r.seq, r.level, r.last - offset
+            state.last_acked_at = None if r.last_acked_at is None else r.last_acked_at - offset
+            state.acked_seq = r.acked_seq
+            self.resources.restore(state)
+        overdue = 0
+        spacing = 1.0 / self.config.recovery_rate
+        for m in sorted(recovered.messages, key=lambda m: (m.due_at or 0.0, m.seq)):
+            known = self.resources.get(m.resource_id)
+            if known is None:
+                known = ResourceState(m.resource_id, created_at=now, updated_at=now)
+                self.resources.restore(known)
+            state = known
+            if self.umh.pending_for(m.resource_id) is not None:
+                continue  # an older row a crash left behind; the newer one wins
+            state.seq = max(state.seq, m.seq)
+            state.payload, state.kind, state.payload_seq = orjson.loads(m.payload), m.kind, m.seq
+            due = now if m.due_at is None else m.due_at - offset
+            if due <= now:
+                due = now + overdue * spacing
+                overdue += 1
+            history = tuple(Attempt(a.at - offset, a.outcome, a.detail) for a in m.attempts)
+            self.delivery.restore(m.message_id, state, m.admitted_at - offset, history, due)
+            self.recovered_messages += 1
+        self.events.resume(recovered.meta.get(META_EVENT_ID, 0))
+        if self.recovered_messages:
+            log.info(
+                "recovered %d pending message(s) from the %s store",
+                self.recovered_messages,
+                self.store.kind,
+            )
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    async def _eviction_ticker(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        interval = self.config.effective_eviction_interval
+        task_status.started()
+        async with aclosing(trio_util.periodic(interval)) as ticks:
+            async for _ in ticks:
+                removed = self.resources.evict_idle(trio.current_time(), self.config.resource_ttl)
+                if removed:
+                    forget(removed, "idle", self.delivery, self.store, self.metrics)
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def request_shutdown(self, reason: str) -> None:
+        """Ask for a staged shutdown (signal or admin route). Idempotent; never blocks."""
+        if not self.shutdown_requested.is_set():
+            self.shutdown_reason = reason
+            self.shutdown_requested.set()
+
+    async def drain(self, receiver: SupportsDrain | None = None) -> None:
+        """Stage shutdown: stop admitting, finish in-flight sends, flush pending work.
+
+        The caller bounds this with a cancel scope and then calls :meth:`finish_shutdown`,
+        whether or not the drain completed. Order: readiness false and new reports get
+        503; the stream receiver drains; queued and in-flight sends finish; pending retries
+        are delivered per ``shutdown_flush`` (``sequential``: one upstream at a time;
+        ``parallel``: all at once; ``none``: not at all), then outstanding ACKs are awaited.
+        """
+        c = self.config
+        self._stop_admitting()
+        self.publish("system", {"kind": "draining", "flush": c.shutdown_flush})
+        if receiver is not None:
+            await receiver.drain(c.receiver_drain_budget)
+        self.delivery.close_sends()
+        await self.delivery.senders_done.wait()
+        await self.side.drain(c.side_timeout)
+        if c.shutdown_flush == "none":
+            return
+        await self.delivery.flush_pending(sequential=c.shutdown_flush == "sequential")
+        # Delivered but not yet confirmed: give the upstream's ACKs the rest of the budget.
+        await self.delivery.wait_settled()
+
+    def _stop_admitting(self) -> None:
+        self.draining = True
+        self.admission.draining = True
+        self.delivery.draining = True
+        self.ready.value = False
+
+    def finish_shutdown(self) -> None:
+        """Last shutdown step (synchronous): report what is still unconfirmed and close
+        every SSE stream with a ``system`` ``shutdown`` event. Never blocks.
+
+        With a durable store, undelivered messages stay pending for the next start; only
+        the ``memory`` store dead-letters them (reported, never silently dropped).
+        """
+        self._stop_admitting()
+        if self.store.kind == "memory":
+            self.delivery.abandon_pending("shutdown")
+        elif self.umh.pending_count():
+            log.info(
+                "%d message(s) undelivered: kept in the %s store for the next start",
+                self.umh.pending_count(),
+                self.store.kind,
+            )
+        self.close_streams()
+
+    def abandon_pending(self, reason: str) -> int:
+        """Dead-letter everything still unconfirmed (reported, never silently dropped)."""
+        return self.delivery.abandon_pending(reason)
+
+    def close_streams(self) -> None:
+        """Send the ``system`` ``shutdown`` event to every SSE subscriber and end streams."""
+        if not self.hub.closed:
+            self.hub.close(
+                {"kind": "shutdown", "reason": self.shutdown_reason}, rfc3339(self.wall_clock())
+            )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the store, recover, then run every relay service in one nursery; ready once
+        all have started. Raises :class:`~relay_trio.stores.base.StoreError` before starting
+        anything if the store cannot be opened.
+
+        Cancelling the surrounding scope ends every task; the store's writer commits what is
+        staged and upstream clients are closed on the way out (shielded, bounded).
+        """
+        self.started_at = trio.current_time()
+        self._recover(await self.store.open())
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.store.run)
+                await nursery.start(self.hub.run)
+                await nursery.start(self.scheduler.run)
+                await nursery.start(self.delivery.run_senders)
+                await nursery.start(self._eviction_ticker)
+                await nursery.start(self.delivery.run_prober)
+                await nursery.start(self.side.run)
+                self.publish("system", {"kind": "started", "recovered": self.recovered_messages})
+                self.ready.value = True
+                task_status.started()
+        finally:
+            self.ready.value = False
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                for upstream in self.upstreams:
+                    await upstream.aclose()
+
+
+__all__ = ["Relay", "open_store"]

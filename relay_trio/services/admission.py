@@ -1,0 +1,222 @@
+"""Admission: the one path every front door feeds, from a report to a stored message.
+
+``admit`` is synchronous and never blocks: it validates the report, applies the
+per-resource leaky bucket, allocates the message id, hands the message to delivery and
+stages its row in the store. A front door then awaits :meth:`Admission.durable` before it
+answers 2xx, so a 2xx always means the report is committed (seed of issue 13: a crash
+after the answer must lose nothing). Rejected reports are never stored but still refresh
+the resource's cached payload (latest wins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+import attrs
+import orjson
+import trio
+
+from ..core.config import RelayConfig
+from ..core.limiter import LeakyBucket
+from ..core.model import Accepted, Problem, validate_report
+from ..core.resources import ResourceState, ResourceTable
+from ..metrics import RelayMetrics
+from ..stores.base import Changes, Store, Ticket
+from .delivery import Delivery, message_record, resource_record
+from .publisher import EventPublisher
+from .sidequeue import SideQueue
+
+#: Staged change sets not yet committed beyond which admission answers 503 (the store's
+#: writer has fallen behind; accepting more would only grow memory).
+MAX_STORE_BACKLOG: Final = 100_000
+
+
+@attrs.define(eq=False)
+class Admission:
+    """Admits reports under the per-resource bucket and stages them in the store."""
+
+    config: RelayConfig
+    resources: ResourceTable
+    store: Store
+    delivery: Delivery
+    events: EventPublisher
+    metrics: RelayMetrics
+    side: SideQueue
+    wall_clock: Callable[[], float]
+    bucket: LeakyBucket = attrs.field(init=False)
+    #: Set when shutdown starts: every report is answered 503 from then on.
+    draining: bool = attrs.field(init=False, default=False)
+    _side_enabled: bool = attrs.field(init=False, default=False)
+    _ticket: Ticket | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self.bucket = LeakyBucket.per_minute(self.config.rate_per_minute, self.config.burst)
+        self._side_enabled = bool(self.side.stats())
+
+    def admit(self, obj: object) -> Accepted | Problem:
+        """Validate, rate-limit, queue and stage one report. Synchronous: never blocks.
+
+        Returns the message id on admission, or a problem (422 invalid, 429 rate limited
+        or stale ACK, 503 draining, send queue full or store behind). The caller must
+        await :meth:`durable` before it tells anyone the report was accepted.
+        """
+        m = self.metrics
+        m.reports_received.inc()
+        if self.draining:
+            m.rejected["draining"].inc()
+            return Problem(503, "draining", "Relay is shutting down", retry_after=5.0)
+        report = validate_report(obj)
+        if isinstance(report, Problem):
+            m.rejected["invalid"].inc()
+            return report
+        now = trio.current_time()
+        rid = report.resource_id
+        state = self.resources.touch(rid, now)
+        # Latest wins: a rejected report still replaces the cached payload that a retry
+        # will resend. payload_seq 0 marks it as carried by no message yet.
+        state.payload = report.payload
+        state.kind = report.kind
+        state.payload_seq = 0
+        c = self.config
+        if state.is_stale(now, c.stale_ack_threshold):
+            return self._reject(state, "stale_ack", c.ack_timeout)
+        admitted, level, retry_after = self.bucket.offer(state.level, state.last, now)
+        if not admitted:
+            if not c.dry_run:
+                state.level, state.last = level, now
+                return self._reject(state, "rate_limited", retry_after)
+            m.dry_run_would_reject.inc()
+        if self.store.backlog > MAX_STORE_BACKLOG:
+            m.rejected["overloaded"].inc()
+            return Problem(503, "overloaded", "Store is behind", retry_after=1.0)
+        # Seed 000: never block the select loop. A full send queue is back-pressure to
+        # the caller (503), decided before anything is committed.
+        seq = state.seq + 1
+        message_id = f"{rid}:{seq}"
+        router = self.delivery.router
+        upstream = router.pick(rid) or 0
+        superseded = self.delivery.enqueue(
+            message_id, state, report.kind, report.payload, upstream=upstream, now=now
+        )
+        if superseded is False:
+            m.rejected["overloaded"].inc()
+            return Problem(503, "overloaded", "Send queue is full", retry_after=1.0)
+        if admitted:
+            state.level, state.last = level, now
+        state.seq = seq
+        state.payload_seq = seq
+        state.admitted += 1
+        state.pending_message_id = message_id
+        if state.awaiting_ack_since is None:
+            state.awaiting_ack_since = now
+        self._stage(
+            state,
+            message_id,
+            kind=report.kind,
+            payload=report.payload,
+            superseded=superseded,
+            upstream=router.urls[upstream],
+            now=now,
+        )
+        m.reports_admitted.inc()
+        event: dict[str, Any] = {"message_id": message_id, "resource_id": rid, "kind": report.kind}
+        if isinstance(superseded, str):
+            m.superseded.inc()
+            event["superseded"] = superseded
+        self.events.publish("reports", event)
+        if self._side_enabled:
+            self.side.offer(
+                orjson.dumps(
+                    {
+                        "message_id": message_id,
+                        "resource_id": rid,
+                        "kind": report.kind,
+                        "payload": report.payload,
+                    }
+                )
+            )
+        self._evict_pushed_out()
+        return Accepted(message_id, rid, seq)
+
+    async def durable(self) -> None:
+        """Wait until everything admitted so far is committed to the store.
+
+        A checkpoint. Raises :class:`~relay_trio.stores.base.StoreError` if the commit failed
+        (the front door answers 503: the report may still be delivered, but no 2xx was
+        promised). Cancellation does not undo the admission.
+        """
+        ticket = self._ticket
+        if ticket is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await self.store.durable(ticket)
+
+    def _stage(
+        self,
+        state: ResourceState,
+        message_id: str,
+        *,
+        kind: str | None,
+        payload: Any,
+        superseded: str | bool | None,
+        upstream: str,
+        now: float,
+    ) -> None:
+        offset = self.wall_clock() - now
+        changes = Changes()
+        if isinstance(superseded, str):
+            changes.delete_message(superseded)
+        changes.put_resource(resource_record(state, offset))
+        changes.put_message(
+            message_record(
+                message_id,
+                state,
+                kind=kind,
+                payload_json=orjson.dumps(payload),
+                admitted_at=now + offset,
+                upstream=upstream,
+            )
+        )
+        self._ticket = self.store.stage(changes)
+
+    def _reject(self, state: ResourceState, reason: str, retry_after: float) -> Problem:
+        state.rejected += 1
+        self.metrics.rejected[reason].inc()
+        self.events.publish("drops", {"resource_id": state.resource_id, "reason": reason})
+        title = "Rate limited" if reason == "rate_limited" else "Upstream ACK is stale"
+        self._evict_pushed_out()
+        return Problem(
+            429,
+            reason.replace("_", "-"),
+            title,
+            f"resource {state.resource_id}",
+            {"reason": reason},
+            retry_after=round(retry_after, 3),
+        )
+
+    def _evict_pushed_out(self) -> None:
+        """Resources the table's cap pushed out: dead-letter what they had pending, forget
+        them in the store (their sequence raises the store's floor)."""
+        evicted = self.resources.take_evicted()
+        if evicted:
+            forget(evicted, "evicted", self.delivery, self.store, self.metrics)
+
+
+def forget(
+    states: list[ResourceState],
+    reason: str,
+    delivery: Delivery,
+    store: Store,
+    metrics: RelayMetrics,
+) -> None:
+    """Finish removing resources from the table: dead-letter their pending message (never
+    lost silently), delete their rows, count the eviction. Never blocks."""
+    changes = Changes()
+    tally = metrics.evictions.labels(reason)
+    for state in states:
+        tally.inc()
+        if state.pending_message_id is not None:
+            delivery.abandon(state.pending_message_id, "evicted")
+        changes.delete_resource(state.resource_id, state.seq)
+    store.stage(changes)

@@ -1,0 +1,1 @@
+"""The store port (:mod:`.base`) and its implementations: ``memory`` and ``sqlite``."""

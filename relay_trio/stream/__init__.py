@@ -1,0 +1,1 @@
+"""The NDJSON stream front door: the receiver service and its listening sockets."""

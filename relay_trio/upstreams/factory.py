@@ -1,0 +1,59 @@
+"""Builds the upstream client for a URL by its scheme (the one place to add an upstream kind)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+import trio
+
+from .base import Upstream
+from .file import FileUpstream
+from .http import HttpUpstream
+
+
+def open_upstream(
+    url: str,
+    *,
+    timeout: float,
+    concurrency: int = 64,
+    max_response_bytes: int = 65536,
+    wall_clock: Callable[[], float] = time.time,
+) -> Upstream:
+    """An upstream client for ``url`` (``http(s)://`` or ``file://``). Never blocks.
+
+    ``concurrency`` bounds the requests in flight to an HTTP upstream (its connection pool
+    has as many connections); ``max_response_bytes`` bounds what is read of each answer.
+    Both are ignored for ``file://``.
+    """
+    if url.startswith("file://"):
+        return FileUpstream(url)
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout),
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+    )
+    return HttpUpstream(
+        url,
+        client,
+        trio.CapacityLimiter(concurrency),
+        max_response_bytes=max_response_bytes,
+        wall_clock=wall_clock,
+    )
+
+
+def upstream_builder(
+    *, concurrency: int, max_response_bytes: int, wall_clock: Callable[[], float]
+) -> Callable[[str, float], Upstream]:
+    """An ``(url, send_timeout) -> Upstream`` factory with these limits (see :func:`open_upstream`)."""
+
+    def build(url: str, timeout: float) -> Upstream:
+        return open_upstream(
+            url,
+            timeout=timeout,
+            concurrency=concurrency,
+            max_response_bytes=max_response_bytes,
+            wall_clock=wall_clock,
+        )
+
+    return build
