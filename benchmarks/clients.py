@@ -187,6 +187,7 @@ async def batch(args: dict[str, Any]) -> dict[str, Any]:
     duration, conns, size = args["duration"], args["conns"], args["batch"]
     warmup = args.get("warmup", 0.0)
     counts = {"ok": 0, "rejected": 0, "requests": 0}
+    lat: list[float] = []
     begin = trio.current_time() + warmup
     end = begin + duration
 
@@ -197,11 +198,13 @@ async def batch(args: dict[str, Any]) -> dict[str, Any]:
             while trio.current_time() < end:
                 body = _lines(f"b{os.getpid()}-{i}-", n, size)
                 n += size
+                sent = trio.current_time()
                 status, reply = await conn.request(
                     "POST", "/v1/reports:batch", body, "application/x-ndjson"
                 )
                 ok = reply.count(b'"message_id"') if status == 200 else 0
                 if trio.current_time() > begin:
+                    lat.append(trio.current_time() - sent)
                     counts["ok"] += ok
                     counts["rejected"] += size - ok
                     counts["requests"] += 1
@@ -214,7 +217,12 @@ async def batch(args: dict[str, Any]) -> dict[str, Any]:
         for i in range(conns):
             nursery.start_soon(worker, i)
     wall = trio.current_time() - begin
-    return {**counts, "seconds": wall, "reports_per_s": counts["ok"] / wall}
+    return {
+        **counts,
+        "seconds": wall,
+        "reports_per_s": counts["ok"] / wall,
+        **{f"round_trip_{k}": v for k, v in _lat_summary(lat).items()},
+    }
 
 
 async def stream(args: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +231,7 @@ async def stream(args: dict[str, Any]) -> dict[str, Any]:
     warmup = args.get("warmup", 0.0)
     counts = {"ok": 0, "rejected": 0}
     sample: list[bytes] = []
+    lat: list[float] = []
     begin = trio.current_time() + warmup
     end = begin + duration
 
@@ -231,6 +240,7 @@ async def stream(args: dict[str, Any]) -> dict[str, Any]:
         n = 0
         try:
             while trio.current_time() < end:
+                sent = trio.current_time()
                 await sock.send_all(_lines(f"s{os.getpid()}-{i}-", n, window))
                 n += window
                 got = 0
@@ -245,6 +255,7 @@ async def stream(args: dict[str, Any]) -> dict[str, Any]:
                 if ok < window and not sample:
                     sample.extend(x for x in buf.split(b"\n") if x and b"message_id" not in x)
                 if trio.current_time() > begin:
+                    lat.append(trio.current_time() - sent)
                     counts["ok"] += ok
                     counts["rejected"] += window - ok
                 if ok < window:
@@ -260,6 +271,7 @@ async def stream(args: dict[str, Any]) -> dict[str, Any]:
         **counts,
         "seconds": wall,
         "reports_per_s": counts["ok"] / wall,
+        **{f"round_trip_{k}": v for k, v in _lat_summary(lat).items()},
         "rejection_sample": sample[0].decode()[:300] if sample else None,
     }
 

@@ -56,6 +56,16 @@ def client(kind: str, timeout: float, **args: Any) -> dict[str, Any]:
 # -- 1. ingest -------------------------------------------------------------------------
 
 
+def store_stats(url: str) -> dict[str, Any]:
+    """The relay's store figures after a run: commits and the mean change sets per commit."""
+    import httpx
+
+    store: dict[str, Any] = httpx.get(url + "/v1/status", timeout=10).json()["store"]
+    commits = store.get("commits", 0)
+    store["mean_group"] = round(store.get("committed_changes", 0) / commits, 1) if commits else 0
+    return store
+
+
 def ensure_wrk(log: Callable[[str], None]) -> str | None:
     """The wrk binary, installing the Debian package when missing and possible."""
     found = shutil.which("wrk")
@@ -159,6 +169,7 @@ def ingest(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     posts: dict[str, Any] = {}
     targets = [
         ("relay-trio", "relay", {"config": INGEST_CONFIG}),
+        ("relay-trio (store=memory)", "relay", {"config": {**INGEST_CONFIG, "store": "memory"}}),
         ("quart-trio (bare)", "quart", {}),
         ("starlette+uvicorn (bare)", "starlette", {}),
     ]
@@ -180,26 +191,45 @@ def ingest(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
         ordered = sorted(runs_of, key=lambda r: r["rps"])
         posts[name] = {**ordered[len(ordered) // 2], "runs_rps": [r["rps"] for r in runs_of]}
     bulk: dict[str, Any] = {}
-    stream_config = {**INGEST_CONFIG, "stream_listen": ["tcp://127.0.0.1:0"]}
+    # Same run, three stores: the default (sqlite, store_sync=normal), sqlite with
+    # store_sync=full (an fsync per group commit) and memory (no durability).
+    stores: list[tuple[str, dict[str, Any]]] = [
+        ("sqlite", {"store": "sqlite", "store_sync": "normal"}),
+        ("sqlite full", {"store": "sqlite", "store_sync": "full"}),
+        ("memory", {"store": "memory"}),
+    ]
     runs: list[tuple[str, str, dict[str, Any]]] = [
         ("batch (500/request, 2 conns)", "batch", {"conns": 2, "batch": 500}),
-        ("stream (1 conn)", "stream", {"conns": 1, "window": 1000}),
         ("stream (8 conns)", "stream", {"conns": 8, "window": 250}),
     ]
-    for name, kind, extra in runs:
-        with server("relay", config=stream_config) as (_, info):
-            url = info["stream"][0] if kind == "stream" else info["url"]
-            bulk[name] = client(
-                kind, duration + 60, url=url, duration=duration, warmup=1.0, **extra
+    for store_name, store_config in stores:
+        stream_config = {
+            **INGEST_CONFIG,
+            **store_config,
+            "stream_listen": ["tcp://127.0.0.1:0"],
+        }
+        for name, kind, extra in runs:
+            label = f"{name}, {store_name}"
+            with server("relay", config=stream_config) as (_, info):
+                url = info["stream"][0] if kind == "stream" else info["url"]
+                bulk[label] = client(
+                    kind, duration + 60, url=url, duration=duration, warmup=1.0, **extra
+                )
+                bulk[label]["store"] = store_stats(info["url"])
+            log(
+                f"  {label}: {bulk[label]['reports_per_s']:.0f} reports/s, "
+                f"round trip p99 {bulk[label]['round_trip_p99_ms']:.1f} ms, "
+                f"mean commit group {bulk[label]['store'].get('mean_group', 0):.0f}"
             )
-        log(f"  {name}: {bulk[name]['reports_per_s']:.0f} reports/s")
     ceiling = posts["quart-trio (bare)"]["rps"]
     uvicorn = posts["starlette+uvicorn (bare)"]["rps"]
     relay = posts["relay-trio"]["rps"]
+    memory_post = posts["relay-trio (store=memory)"]["rps"]
     return {
         "duration_s": duration,
         "post": posts,
         "bulk": bulk,
+        "post_sqlite_vs_memory": ratio(relay, memory_post),
         "relay_vs_quart_ceiling": ratio(relay, ceiling),
         "relay_vs_uvicorn": ratio(relay, uvicorn),
         "bulk_vs_uvicorn": {k: ratio(v["reports_per_s"], uvicorn) for k, v in bulk.items()},

@@ -190,6 +190,11 @@ class Relay:
         """Wait until every report admitted so far is committed (see :meth:`Admission.durable`)."""
         await self.admission.durable()
 
+    async def all_durable(self) -> None:
+        """Wait until every change staged so far (ACKs included) is committed. A checkpoint;
+        raises ``StoreError`` if that commit failed."""
+        await self.store.durable(self.store.last_ticket)
+
     def acknowledge(
         self,
         message_id: str,

@@ -272,6 +272,11 @@ def create_app(relay: Relay) -> QuartTrio:
         if isinstance(ack, Problem):
             return problem_response(ack)
         outcome = relay.acknowledge(ack.message_id, ack.status, ack.reason, ack.retry_after)
+        # A 200 on an ACK means it is stored: a crash after it never redelivers the message.
+        try:
+            await relay.all_durable()
+        except StoreError as exc:
+            return problem_response(store_unavailable(exc))
         return json_response({"message_id": ack.message_id, "outcome": outcome})
 
     @app.get("/v1/resources/<resource_id>")

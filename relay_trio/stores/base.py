@@ -337,6 +337,12 @@ class Store(Protocol):
         """Queue ``changes`` for the next commit. Never blocks; not a checkpoint."""
         ...
 
+    @property
+    def last_ticket(self) -> Ticket:
+        """The ticket of the newest staged change set (done once everything staged so far
+        is committed)."""
+        ...
+
     async def durable(self, ticket: Ticket) -> None:
         """Return once the commit holding ``ticket`` is done; raise :class:`StoreError` if it
         failed. Checkpoint. Cancelling the wait does not un-stage anything."""
@@ -349,6 +355,13 @@ class Store(Protocol):
     def stats(self) -> StoreStats:
         """Current counters. Synchronous, cheap."""
         ...
+
+
+def done_ticket() -> Ticket:
+    """A ticket whose (empty) commit is already done."""
+    ticket = Ticket()
+    ticket.done.set()
+    return ticket
 
 
 async def wait_durable(ticket: Ticket) -> None:

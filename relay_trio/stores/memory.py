@@ -62,6 +62,11 @@ class MemoryStore:
         self._done.done.set()
 
     @property
+    def last_ticket(self) -> Ticket:
+        """Always done: every stage is applied at once."""
+        return self._done
+
+    @property
     def backlog(self) -> int:
         """Always 0: nothing waits."""
         return 0

@@ -36,6 +36,7 @@ from .base import (
     StoreError,
     StoreStats,
     Ticket,
+    done_ticket,
     wait_durable,
 )
 from .sqlite_file import CommitResult, SqliteFile, SyncMode
@@ -78,6 +79,7 @@ class SqliteStore:
     _committed_changes: int = attrs.field(init=False, default=0)
     _last_batch_size: int = attrs.field(init=False, default=0)
     _last: CommitResult = attrs.field(init=False, default=CommitResult(0, 0, 0, 0))
+    _last_ticket: Ticket = attrs.field(init=False, factory=done_ticket)
 
     def __attrs_post_init__(self) -> None:
         if self.max_batch < 1:
@@ -122,7 +124,14 @@ class SqliteStore:
         batch.changes.append(changes)
         self._backlog += 1
         self._wake.set()
+        self._last_ticket = batch.ticket
         return batch.ticket
+
+    @property
+    def last_ticket(self) -> Ticket:
+        """The ticket of the newest staged change set: done once everything staged so far
+        is committed."""
+        return self._last_ticket
 
     async def durable(self, ticket: Ticket) -> None:
         """Return once ``ticket``'s commit is done; raise :class:`StoreError` if it failed.
