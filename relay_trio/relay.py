@@ -120,7 +120,7 @@ class Relay:
             subscriber_buffer=c.subscriber_buffer,
             heartbeat_interval=c.heartbeat_interval,
             coalesce_interval=c.coalesce_interval,
-            write_budget=c.sse_write_budget,
+            sse_write_budget=c.sse_write_budget,
         )
         self.events = EventPublisher(self.hub, self.store, self.metrics, self.wall_clock)
         self.dead_letter_book = DeadLetterBook(

@@ -475,7 +475,7 @@ async def test_flush_window_widens_with_the_writes_a_flush_caused(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # 100 subscribers at 1000 writes/s: after a flush to all of them the next waits 0.1 s.
-    hub = EventHub(coalesce_interval=0.025, write_budget=1000)
+    hub = EventHub(coalesce_interval=0.025, sse_write_budget=1000)
     seen: dict[int, list[tuple[float, list[int]]]] = {i: [] for i in range(100)}
     async with running(hub) as nursery:
         subs = [hub.subscribe() for _ in range(100)]

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import trio
 import trio.testing
@@ -325,3 +326,21 @@ async def test_promtool_flags_a_badly_named_counter() -> None:
     """The lint really runs: a counter without ``_total`` is reported."""
     bad = "# HELP relay_things Things\n# TYPE relay_things counter\nrelay_things 1\n"
     assert "_total" in await promtool_check(bad)
+
+
+async def test_a_nack_that_dead_letters_counts_as_dead_not_nacked(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    relay, _ = memory_relay(tmp_path, mode="sent", max_attempts=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        assert isinstance(relay.admit({"resource_id": "x", "payload": 1}), Accepted)
+        await trio.sleep(1)
+        assert relay.acknowledge("x:1", "nack", "bad", None) == "dead"
+        _, s = parse(relay.metrics.render().decode())
+        assert get(s, "relay_acks_total", outcome="dead") == 1
+        assert get(s, "relay_acks_total", outcome="nacked") == 0
+        assert get(s, "relay_dead_letters_total", reason="max_attempts") == 1
+        (ack,) = relay.hub.ring.page(None, 100, "acks").events
+        assert orjson.loads(ack.json)["data"]["outcome"] == "dead"
+        nursery.cancel_scope.cancel()

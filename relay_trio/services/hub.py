@@ -258,12 +258,12 @@ class EventHub:
     #: Minimum time between two flushes while events keep coming.
     coalesce_interval: float = attrs.field(default=0.025, kw_only=True)
     #: SSE writes per second the flusher aims to stay under: after a flush that woke
-    #: ``n`` subscribers, the next one waits at least ``n / write_budget`` seconds. Each
+    #: ``n`` subscribers, the next one waits at least ``n / sse_write_budget`` seconds. Each
     #: flush costs one write per subscriber, and rounds of writes run back to back
     #: delay the publisher and the flusher themselves (measured: 1000 subscribers x 100
     #: events/s on 2 slow cores, a 25 ms tick gave p99 ~280 ms at ~83% CPU, a 120 ms
     #: one ~205 ms at ~66%). A lone event on a quiet hub still goes out at once.
-    write_budget: float = attrs.field(default=8000.0, kw_only=True)
+    sse_write_budget: float = attrs.field(default=8000.0, kw_only=True)
     #: A pending batch this large wakes the flusher early; 4x this flushes inline.
     max_batch: int = attrs.field(default=512, kw_only=True)
     #: ``Retry-After`` hint for refused subscribers, seconds.
@@ -290,9 +290,9 @@ class EventHub:
     _closed: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.heartbeat_interval <= 0 or self.coalesce_interval < 0 or self.write_budget <= 0:
+        if self.heartbeat_interval <= 0 or self.coalesce_interval < 0 or self.sse_write_budget <= 0:
             raise ValueError(
-                "heartbeat_interval and write_budget must be > 0, coalesce_interval >= 0"
+                "heartbeat_interval and sse_write_budget must be > 0, coalesce_interval >= 0"
             )
         if min(self.subscriber_buffer, self.subscriber_buffer_bytes, self.max_batch) < 1:
             raise ValueError("subscriber_buffer, subscriber_buffer_bytes, max_batch must be >= 1")
@@ -360,7 +360,7 @@ class EventHub:
 
     def flush_window(self) -> float:
         """Seconds the flusher waits after a flush before the next one (batch not full)."""
-        return max(self.coalesce_interval, self.last_flush_writes / self.write_budget)
+        return max(self.coalesce_interval, self.last_flush_writes / self.sse_write_budget)
 
     async def _heartbeats(self) -> None:
         # One timer for all subscribers: sleep until the least recently written one is
