@@ -275,7 +275,9 @@ async def test_every_front_door_counter_is_exposed_and_promtool_clean(tmp_path: 
             assert b'"message_id"' in await good.receive_some()
             bad = await trio.open_tcp_stream(address.host, address.port)
             await bad.send_all(b'{"token": "nope"}\n')
-            await eventually(lambda: server.receiver is not None and server.receiver.auth_failures)
+            await eventually(
+                lambda: server.receiver is not None and server.receiver.auth_failures == 1
+            )
             await bad.aclose()
             r = await client.post(
                 "/v1/reports",
