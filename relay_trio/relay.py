@@ -30,6 +30,7 @@ import trio
 import trio_util
 
 from . import __version__
+from .core import event_schemas as ev
 from .core.config import RelayConfig
 from .core.events import TOPICS, EventRing
 from .core.model import Accepted, Problem
@@ -462,7 +463,7 @@ class Relay:
         """
         c = self.config
         self._stop_admitting()
-        self.publish("system", {"kind": "draining", "flush": c.shutdown_flush})
+        self.events.emit(ev.draining(c.shutdown_flush))
         if receiver is not None:
             await receiver.drain(c.receiver_drain_budget)
         self.delivery.close_sends()
@@ -505,9 +506,7 @@ class Relay:
     def close_streams(self) -> None:
         """Send the ``system`` ``shutdown`` event to every SSE subscriber and end streams."""
         if not self.hub.closed:
-            self.hub.close(
-                {"kind": "shutdown", "reason": self.shutdown_reason}, rfc3339(self.wall_clock())
-            )
+            self.hub.close(self.shutdown_reason, rfc3339(self.wall_clock()))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the store, recover, then run every relay service in one nursery; ready once
@@ -528,7 +527,7 @@ class Relay:
                 await nursery.start(self._eviction_ticker)
                 await nursery.start(self.delivery.run_prober)
                 await nursery.start(self.side.run)
-                self.publish("system", {"kind": "started", "recovered": self.recovered_messages})
+                self.events.emit(ev.started(self.recovered_messages))
                 self.ready.value = True
                 task_status.started()
         finally:

@@ -321,7 +321,7 @@ async def test_close_sends_shutdown_and_ends_streams(
         ):
             hub.publish("reports", {}, AT)
             hub.publish("reports", {}, AT)
-            event = hub.close({"reason": "sigterm"}, AT)
+            event = hub.close("sigterm", AT)
             chunks = [c async for c in stream]
         # run() returned by itself: the nursery exits without a cancel.
     assert event is not None and event.topic == "system" and event.id == 3
@@ -330,7 +330,7 @@ async def test_close_sends_shutdown_and_ends_streams(
     assert frames[-1]["event"] == "shutdown"
     assert orjson.loads(frames[-1]["data"])["data"] == {"kind": "shutdown", "reason": "sigterm"}
     assert hub.ring.last_id == 3 and hub.subscriber_count() == 0
-    assert hub.close({}, AT) is None
+    assert hub.close("", AT) is None
     with pytest.raises(SubscriberLimit) as info:
         hub.subscribe()
     assert info.value.scope == "closed"

@@ -36,6 +36,7 @@ import attrs
 import orjson
 import trio
 
+from ..core.event_schemas import overflow, shutdown
 from ..core.events import TOPICS, Event, EventRing, format_sse
 from ..core.model import Problem
 
@@ -463,13 +464,7 @@ class EventHub:
         self.dropped += n
         sub.end = format_sse(
             "overflow",
-            orjson.dumps(
-                {
-                    "reason": "slow_subscriber",
-                    "buffer": self.subscriber_buffer,
-                    "last_id": sub.last_id,
-                }
-            ),
+            orjson.dumps(overflow(self.subscriber_buffer, sub.last_id)),
         )
         self._unregister(sub)
 
@@ -533,19 +528,20 @@ class EventHub:
             return len(self._subs)
         return self._topic_counts[topic]
 
-    def close(self, final_event_data: Mapping[str, Any], at: str) -> Event | None:
+    def close(self, reason: str, at: str) -> Event | None:
         """Graceful shutdown: deliver pending events, then a ``system`` shutdown event to
         every subscriber (SSE ``event: shutdown``, with its id), and end their streams.
 
-        Synchronous, never blocks. The event's data is ``{"kind": "shutdown",
-        **final_event_data}`` and is also kept in the ring. Later subscribes raise
+        Synchronous, never blocks. The event's data is ``{"kind": "shutdown", "reason":
+        reason}`` (:func:`~relay_trio.core.event_schemas.shutdown`) and is also kept in the ring. Later subscribes raise
         :class:`SubscriberLimit` (scope ``"closed"``); ``run`` returns. Returns the event,
         or ``None`` if the hub was already closed.
         """
         if self._closed:
             return None
         self._flush()
-        event = self.ring.publish("system", {"kind": "shutdown", **final_event_data}, at)
+        final = shutdown(reason)
+        event = self.ring.publish(final.topic, final.data, at)
         self.published += 1
         self._closed = True
         frame = format_sse("shutdown", event.json, event.id)
