@@ -289,6 +289,7 @@ class Relay:
                 "send_queue": self.delivery.send_queue_used,
                 "sends_in_flight": self.senders.in_flight,
                 "sse_subscribers": self.hub.subscriber_count(),
+                "dead_letters_kept": store.dead_letters,
             },
             "store": {"kind": self.store.kind, **attrs.asdict(store)},
             "events": {"first_id": self.hub.ring.first_id, "last_id": self.hub.ring.last_id},

@@ -321,6 +321,8 @@ async def test_every_front_door_counter_is_exposed_and_promtool_clean(tmp_path: 
     assert status["stream_receiver"]["auth_failures"] == 1
     assert status["http"]["refused"] == 0 and status["http"]["write_timeouts"] == 0
     assert status["file_upstream_slow_writes"] == {upstream: 0}
+    # The status page's "dead letters kept" tile and chart read this gauge.
+    assert status["gauges"]["dead_letters_kept"] == 0
     assert status["metrics"]["relay_stream_auth_failures_total"] == 1
 
 

@@ -134,6 +134,12 @@ async def test_page_charts_and_panels_follow_a_live_relay(tmp_path: Path) -> Non
                 assert await post(client, f"dl-{i}") == 202
             await wait_for(browser, session, series_sum("deadletters", 1) + " === 3")
             await wait_for(browser, session, "window.relayPage.deadLetters.length === 3")
+            # The "kept" tile reads /v1/status gauges.dead_letters_kept (the store's count).
+            await wait_for(
+                browser,
+                session,
+                "document.getElementById('tiles').textContent.includes('3dead letters kept')",
+            )
             rows = await browser.evaluate(
                 session, "document.getElementById('deadletters').textContent"
             )
