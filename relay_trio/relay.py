@@ -183,7 +183,11 @@ class Relay:
         return self.delivery.upstreams
 
     def publish(self, topic: str, data: dict[str, Any]) -> None:
-        """Publish one event (never blocks; the ring rejects an unknown topic)."""
+        """Publish an arbitrary payload (never blocks; the ring rejects an unknown topic).
+
+        For tests and benchmarks that need load on the event log; the relay's own events
+        are built by the constructors of :mod:`relay_trio.core.event_schemas`.
+        """
         self.events.publish(topic, data)
 
     def admit(self, obj: object) -> Accepted | Problem:
@@ -499,10 +503,6 @@ class Relay:
                 self.store.kind,
             )
         self.close_streams()
-
-    def abandon_pending(self, reason: str) -> int:
-        """Dead-letter everything still unconfirmed (reported, never silently dropped)."""
-        return self.delivery.abandon_pending(reason)
 
     def close_streams(self) -> None:
         """Send the ``system`` ``shutdown`` event to every SSE subscriber and end streams."""
