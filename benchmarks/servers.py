@@ -162,7 +162,7 @@ def run_relay(args: dict[str, Any]) -> None:
             subscriber_buffer=old.subscriber_buffer,
             heartbeat_interval=old.heartbeat_interval,
             coalesce_interval=0.0,
-            write_budget=float("inf"),
+            sse_write_budget=float("inf"),
         )
         # ...and streams that write each queued chunk separately (no joining).
         import relay_trio.services.hub
@@ -181,7 +181,7 @@ def run_relay(args: dict[str, Any]) -> None:
                 "2026-01-01T00:00:00.000Z",
             )
     if args.get("write_budget"):
-        relay.hub.write_budget = float(args["write_budget"])
+        relay.hub.sse_write_budget = float(args["write_budget"])
     server = RelayServer(config, relay)
 
     async def main() -> None:

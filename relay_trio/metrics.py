@@ -10,6 +10,7 @@ collector at scrape time, with the same names and types as real counters.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import attrs
@@ -30,6 +31,100 @@ REJECT_REASONS = (
 )
 ACK_OUTCOMES = ("acked", "late", "unknown", "nacked", "dead")
 DEAD_REASONS = ("max_attempts", "max_age", "evicted", "shutdown")
+
+
+@attrs.frozen
+class Figure:
+    """One figure an owner counts itself, exposed at scrape time: ``key`` in the owner's
+    ``counters()`` dict, the metric ``name`` (``_total`` for counters, base units), help."""
+
+    key: str
+    name: str
+    doc: str
+    counter: bool = True
+
+
+#: The stream receiver's :meth:`~relay_trio.stream.receiver.StreamReceiver.counters`.
+STREAM_RECEIVER_FIGURES = (
+    Figure("connections_open", "relay_stream_connections", "Stream connections open", False),
+    Figure(
+        "connections_refused",
+        "relay_stream_connections_refused_total",
+        "Stream connections refused (at capacity, or draining)",
+    ),
+    Figure("lines_ok", "relay_stream_lines_admitted_total", "Stream lines admitted"),
+    Figure(
+        "lines_rejected",
+        "relay_stream_lines_rejected_total",
+        "Stream lines answered with a problem",
+    ),
+    Figure(
+        "idle_timeouts",
+        "relay_stream_idle_timeouts_total",
+        "Stream connections closed after stream_idle_timeout without a line",
+    ),
+    Figure(
+        "frames_too_large",
+        "relay_stream_frames_too_large_total",
+        "Stream lines over stream_max_frame (each closed its connection)",
+    ),
+    Figure(
+        "auth_failures",
+        "relay_stream_auth_failures_total",
+        "Stream connections closed for a missing or wrong token",
+    ),
+    Figure(
+        "buffer_high_water",
+        "relay_stream_read_buffer_high_water_bytes",
+        "Largest per-connection stream read buffer seen",
+        False,
+    ),
+)
+
+#: The HTTP front door's ``counters()`` (``relay_trio.server.HttpFrontDoor``).
+HTTP_FRONT_DOOR_FIGURES = (
+    Figure("connections_open", "relay_http_connections", "HTTP connections open", False),
+    Figure(
+        "refused",
+        "relay_http_connections_refused_total",
+        "HTTP connections closed at accept: http_max_connections reached, all serving",
+    ),
+    Figure(
+        "evicted",
+        "relay_http_connections_evicted_total",
+        "Waiting HTTP connections closed to make room for a new one",
+    ),
+    Figure(
+        "read_timeouts",
+        "relay_http_read_timeouts_total",
+        "HTTP connections closed after http_read_timeout without a complete request",
+    ),
+    Figure(
+        "accept_failures",
+        "relay_http_accept_failures_total",
+        "HTTP accepts that failed for lack of file descriptors or memory",
+    ),
+    Figure(
+        "write_timeouts",
+        "relay_http_write_timeouts_total",
+        "HTTP connections closed by the write watchdog (a peer that stopped reading)",
+    ),
+)
+
+#: Side-queue counters per sink (:meth:`~relay_trio.services.sidequeue.SideQueue.stats`).
+SIDE_QUEUE_FIGURES = (
+    Figure("offered", "relay_side_queue_offered_total", "Records offered to a side sink"),
+    Figure("written", "relay_side_queue_written_total", "Records a side sink wrote"),
+    Figure(
+        "failed",
+        "relay_side_queue_failed_total",
+        "Records in side-sink batches that timed out or raised",
+    ),
+    Figure("timeouts", "relay_side_queue_batch_timeouts_total", "Side-sink batches timed out"),
+    Figure("errors", "relay_side_queue_batch_errors_total", "Side-sink batches that raised"),
+    Figure("queued", "relay_side_queue_queued", "Records waiting in a side queue", False),
+    Figure("in_flight", "relay_side_queue_in_flight", "Records a side sink is writing", False),
+)
 
 
 @attrs.define(eq=False, slots=False)
@@ -70,7 +165,7 @@ class RelayMetrics:
             "relay_superseded_total", "Pending messages superseded by a newer report"
         ).labels()
         self.evictions = self.tally(
-            "relay_resource_evictions_total", "Resources evicted, by cause", ("cause",)
+            "relay_resource_evictions_total", "Resources evicted, by reason", ("reason",)
         )
         self.events_published = self.tally(
             "relay_events_published_total", "Events published to the event log"
@@ -138,6 +233,32 @@ class RelayMetrics:
         """
         self.registry.register(_Callback(name, doc, labels, read, counter))
 
+    def expose(self, figures: Iterable[Figure], read: Callable[[], Mapping[str, float]]) -> None:
+        """Register each figure, read from ``read()[figure.key]`` at scrape time.
+
+        ``read`` must not block; it is called once per figure per scrape.
+        """
+        for figure in figures:
+            self.labelled_function(
+                figure.name, figure.doc, (), partial(_one, read, figure.key), counter=figure.counter
+            )
+
+    def expose_rows(
+        self,
+        figures: Iterable[Figure],
+        label: str,
+        read: Callable[[], Mapping[str, Mapping[str, float]]],
+    ) -> None:
+        """Like :meth:`expose` for one row of figures per ``label`` value (one per sink)."""
+        for figure in figures:
+            self.labelled_function(
+                figure.name,
+                figure.doc,
+                (label,),
+                partial(_column, read, figure.key),
+                counter=figure.counter,
+            )
+
     def snapshot(self) -> dict[str, Any]:
         """Every sample as JSON (for ``/v1/status``): ``name: value`` when unlabelled, else
         ``name: [{label: ..., "value": v}, ...]``. Histogram buckets are left out (count and
@@ -160,6 +281,16 @@ class RelayMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+def _one(read: Callable[[], Mapping[str, float]], key: str) -> dict[tuple[str, ...], float]:
+    return {(): read()[key]}
+
+
+def _column(
+    read: Callable[[], Mapping[str, Mapping[str, float]]], key: str
+) -> dict[tuple[str, ...], float]:
+    return {(name,): row[key] for name, row in read().items() if key in row}
 
 
 @attrs.define(eq=False)

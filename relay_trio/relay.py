@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
@@ -30,6 +30,7 @@ import trio
 import trio_util
 
 from . import __version__
+from .core import event_schemas as ev
 from .core.config import RelayConfig
 from .core.events import TOPICS, EventRing
 from .core.model import Accepted, Problem
@@ -37,7 +38,7 @@ from .core.resources import ResourceState, ResourceTable
 from .core.routing import UpstreamRouter
 from .core.umh import Attempt, UnconfirmedMessages
 from .core.views import dead_letter_view, pending_view, rfc3339, wall_converter
-from .metrics import RelayMetrics
+from .metrics import SIDE_QUEUE_FIGURES, Figure, RelayMetrics
 from .services.admission import Admission, forget
 from .services.deadletters import DeadLetterBook, page_view
 from .services.delivery import Delivery
@@ -52,6 +53,7 @@ from .stores.base import DeadLetterQuery, Recovered, Store
 from .stores.memory import MemoryStore
 from .upstreams.base import Upstream
 from .upstreams.factory import upstream_builder
+from .upstreams.file import FileUpstream
 
 log = logging.getLogger("relay_trio")
 
@@ -106,6 +108,8 @@ class Relay:
     shutdown_requested: trio.Event = attrs.field(init=False, factory=trio.Event)
     shutdown_reason: str = attrs.field(init=False, default="")
     recovered_messages: int = attrs.field(init=False, default=0)
+    #: Counters of the front doors the server runs (``http``, ``stream_receiver``).
+    front_doors: dict[str, Callable[[], dict[str, int]]] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         c = self.config
@@ -117,7 +121,7 @@ class Relay:
             subscriber_buffer=c.subscriber_buffer,
             heartbeat_interval=c.heartbeat_interval,
             coalesce_interval=c.coalesce_interval,
-            write_budget=c.sse_write_budget,
+            sse_write_budget=c.sse_write_budget,
         )
         self.events = EventPublisher(self.hub, self.store, self.metrics, self.wall_clock)
         self.dead_letter_book = DeadLetterBook(
@@ -179,7 +183,11 @@ class Relay:
         return self.delivery.upstreams
 
     def publish(self, topic: str, data: dict[str, Any]) -> None:
-        """Publish one event (never blocks; the ring rejects an unknown topic)."""
+        """Publish an arbitrary payload (never blocks; the ring rejects an unknown topic).
+
+        For tests and benchmarks that need load on the event log; the relay's own events
+        are built by the constructors of :mod:`relay_trio.core.event_schemas`.
+        """
         self.events.publish(topic, data)
 
     def admit(self, obj: object) -> Accepted | Problem:
@@ -255,6 +263,14 @@ class Relay:
         """``POST /v1/deadletters:redrive``: see :func:`relay_trio.services.redrive.redrive`."""
         return await redrive(request, self.store, self.delivery, self.resources, self.events)
 
+    def expose_front_door(
+        self, name: str, figures: Iterable[Figure], counters: Callable[[], dict[str, int]]
+    ) -> None:
+        """Show a front door's ``counters()`` in ``/v1/status`` (section ``name``) and as
+        the ``figures`` in ``/metrics``. Called once per door, before serving."""
+        self.front_doors[name] = counters
+        self.metrics.expose(figures, counters)
+
     def status(self) -> dict[str, Any]:
         """Counters and gauges as JSON (``GET /v1/status``), like NATS ``/varz``."""
         umh = self.umh
@@ -271,6 +287,7 @@ class Relay:
                 **{f"umh_{k}": v for k, v in umh.counters().items()},
                 "events_published": self.hub.published,
                 "sse_overflowed": self.hub.overflowed,
+                "events_dropped": self.hub.dropped,
                 "resources_evicted_lru": self.resources.evicted_lru,
                 "resources_evicted_idle": self.resources.evicted_idle,
                 "recovered_messages": self.recovered_messages,
@@ -281,11 +298,14 @@ class Relay:
                 "send_queue": self.delivery.send_queue_used,
                 "sends_in_flight": self.senders.in_flight,
                 "sse_subscribers": self.hub.subscriber_count(),
+                "dead_letters_kept": store.dead_letters,
             },
             "store": {"kind": self.store.kind, **attrs.asdict(store)},
             "events": {"first_id": self.hub.ring.first_id, "last_id": self.hub.ring.last_id},
             "upstreams": self.router.states(),
             "side_queue": self.side.stats(),
+            **{name: counters() for name, counters in self.front_doors.items()},
+            "file_upstream_slow_writes": self._slow_writes(),
             "metrics": self.metrics.snapshot(),
             "config": self.config.summary(),
         }
@@ -337,15 +357,45 @@ class Relay:
         )
         m.labelled_function(
             "relay_side_queue_drops_total",
-            "Side-queue records dropped (queue full or closed), by sink",
-            ("sink",),
+            "Side-queue records dropped, by sink and reason (queue full, or closed)",
+            ("sink", "reason"),
             lambda: {
-                (name,): row["dropped_full"] + row["dropped_closed"]
+                (name, reason): row[f"dropped_{reason}"]
                 for name, row in self.side.stats().items()
+                for reason in ("full", "closed")
             },
             counter=True,
         )
+        m.expose_rows(SIDE_QUEUE_FIGURES, "sink", self.side.stats)
+        m.gauge(
+            "relay_store_backlog",
+            "Change sets staged in the store but not committed yet",
+            lambda: self.store.stats().backlog,
+        )
+        m.gauge("relay_send_queue", "Messages waiting in the send channel", self._send_queue)
+        m.gauge("relay_sends_in_flight", "Sends in progress", lambda: self.senders.in_flight)
+        m.labelled_function(
+            "relay_sse_overflows_total",
+            "SSE subscribers disconnected for falling behind",
+            (),
+            lambda: {(): self.hub.overflowed},
+            counter=True,
+        )
+        m.labelled_function(
+            "relay_file_upstream_slow_writes_total",
+            "File-upstream appends slower than SLOW_WRITE (each moved writes to a thread)",
+            ("upstream",),
+            lambda: {(url,): n for url, n in self._slow_writes().items()},
+            counter=True,
+        )
         self.store.on_commit = m.observe_commit
+
+    def _send_queue(self) -> int:
+        return self.delivery.send_queue_used
+
+    def _slow_writes(self) -> dict[str, int]:
+        """Slow appends per file upstream (see :class:`FileUpstream`)."""
+        return {u.url: u.slow_writes for u in self.upstreams if isinstance(u, FileUpstream)}
 
     # -- start: recover what the store holds ----------------------------------------------
 
@@ -423,7 +473,7 @@ class Relay:
         """
         c = self.config
         self._stop_admitting()
-        self.publish("system", {"kind": "draining", "flush": c.shutdown_flush})
+        self.events.emit(ev.draining(c.shutdown_flush))
         if receiver is not None:
             await receiver.drain(c.receiver_drain_budget)
         self.delivery.close_sends()
@@ -459,16 +509,10 @@ class Relay:
             )
         self.close_streams()
 
-    def abandon_pending(self, reason: str) -> int:
-        """Dead-letter everything still unconfirmed (reported, never silently dropped)."""
-        return self.delivery.abandon_pending(reason)
-
     def close_streams(self) -> None:
         """Send the ``system`` ``shutdown`` event to every SSE subscriber and end streams."""
         if not self.hub.closed:
-            self.hub.close(
-                {"kind": "shutdown", "reason": self.shutdown_reason}, rfc3339(self.wall_clock())
-            )
+            self.hub.close(self.shutdown_reason, rfc3339(self.wall_clock()))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the store, recover, then run every relay service in one nursery; ready once
@@ -489,7 +533,7 @@ class Relay:
                 await nursery.start(self._eviction_ticker)
                 await nursery.start(self.delivery.run_prober)
                 await nursery.start(self.side.run)
-                self.publish("system", {"kind": "started", "recovered": self.recovered_messages})
+                self.events.emit(ev.started(self.recovered_messages))
                 self.ready.value = True
                 task_status.started()
         finally:

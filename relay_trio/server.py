@@ -29,6 +29,7 @@ from .http.hypercorn_patch import (
     check_hypercorn_version,
     serve_http,
 )
+from .metrics import HTTP_FRONT_DOOR_FIGURES, STREAM_RECEIVER_FIGURES
 from .relay import Relay
 from .stream.receiver import ReceiverLimits, StreamReceiver
 from .systemd import SystemdNotifier
@@ -72,6 +73,19 @@ class HttpFrontDoor:
     def table(self) -> ConnectionTable:
         """The open connections."""
         return self.policy.table
+
+    def counters(self) -> dict[str, int]:
+        """Connections open, refused, evicted, read timeouts, accept failures and writes
+        cut by the watchdog (see :data:`~relay_trio.metrics.HTTP_FRONT_DOOR_FIGURES`).
+        Never blocks."""
+        return {
+            "connections_open": len(self.table),
+            "refused": self.refused,
+            "evicted": self.table.evicted,
+            "read_timeouts": self.table.read_timeouts,
+            "accept_failures": self.accept_failures,
+            "write_timeouts": self.policy.watchdog.closed,
+        }
 
     def _note_capacity(self, now: float) -> None:
         """Log the capacity counters, at most once per interval. Never blocks."""
@@ -188,6 +202,7 @@ class RelayServer:
     exit_reason: str = attrs.field(init=False, default="")
 
     def __attrs_post_init__(self) -> None:
+        self.relay.expose_front_door("http", HTTP_FRONT_DOOR_FIGURES, self.front_door.counters)
         if self.config.stream_listen:
             c = self.config
             self.receiver = StreamReceiver(
@@ -201,6 +216,9 @@ class RelayServer:
                 ),
                 token=c.ingest_token,
                 count_refused=self.relay.metrics.count_refused,
+            )
+            self.relay.expose_front_door(
+                "stream_receiver", STREAM_RECEIVER_FIGURES, self.receiver.counters
             )
 
     async def serve(

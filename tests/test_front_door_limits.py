@@ -21,6 +21,7 @@ import pytest
 import trio
 from relay_helpers import make_config, running_server
 
+from relay_trio.core import event_schemas as ev
 from relay_trio.http.hypercorn_patch import FrontDoorPolicy, WriteWatchdog
 from relay_trio.server import ACCEPT_RETRY, HttpFrontDoor, RelayServer
 
@@ -138,7 +139,7 @@ async def test_sse_response_outlives_read_timeout(tmp_path: Path) -> None:
             lines = response.aiter_lines()
             for n in range(3):
                 await trio.sleep(0.6)
-                server.relay.publish("system", {"kind": "test", "n": n})
+                server.relay.events.emit(ev.upstream_up(f"test-{n}"))
                 async for line in lines:
                     if line.startswith("data:"):
                         seen.append(line)
@@ -170,7 +171,7 @@ async def test_new_connection_refused_when_every_slot_is_serving(tmp_path: Path)
             assert server.front_door.refused == 1
             assert server.front_door.table.evicted == 0
             # The streams being served are untouched.
-            server.relay.publish("system", {"kind": "still-there"})
+            server.relay.events.emit(ev.upstream_up("still-there"))
             for stream in (first, second):
                 with trio.fail_after(5):
                     assert b"still-there" in await stream.receive_some(65536)

@@ -321,7 +321,7 @@ async def test_close_sends_shutdown_and_ends_streams(
         ):
             hub.publish("reports", {}, AT)
             hub.publish("reports", {}, AT)
-            event = hub.close({"reason": "sigterm"}, AT)
+            event = hub.close("sigterm", AT)
             chunks = [c async for c in stream]
         # run() returned by itself: the nursery exits without a cancel.
     assert event is not None and event.topic == "system" and event.id == 3
@@ -330,7 +330,7 @@ async def test_close_sends_shutdown_and_ends_streams(
     assert frames[-1]["event"] == "shutdown"
     assert orjson.loads(frames[-1]["data"])["data"] == {"kind": "shutdown", "reason": "sigterm"}
     assert hub.ring.last_id == 3 and hub.subscriber_count() == 0
-    assert hub.close({}, AT) is None
+    assert hub.close("", AT) is None
     with pytest.raises(SubscriberLimit) as info:
         hub.subscribe()
     assert info.value.scope == "closed"
@@ -475,7 +475,7 @@ async def test_flush_window_widens_with_the_writes_a_flush_caused(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # 100 subscribers at 1000 writes/s: after a flush to all of them the next waits 0.1 s.
-    hub = EventHub(coalesce_interval=0.025, write_budget=1000)
+    hub = EventHub(coalesce_interval=0.025, sse_write_budget=1000)
     seen: dict[int, list[tuple[float, list[int]]]] = {i: [] for i in range(100)}
     async with running(hub) as nursery:
         subs = [hub.subscribe() for _ in range(100)]

@@ -3,14 +3,19 @@ and counting what really happened."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+import orjson
+import pytest
 import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 from relay_helpers import eventually, make_config, memory_relay, running_server
 
+from relay_trio.core.listen import parse_listen
 from relay_trio.core.model import Accepted
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -71,7 +76,7 @@ def check_conventions(text: str) -> None:
         if kind != "counter":
             assert not name.endswith("_total"), name
     for sample_name, _ in samples:
-        family = next(f for f in types if sample_name.startswith(f))
+        family = max((f for f in types if sample_name.startswith(f)), key=len)
         if types[family] == "counter":
             assert sample_name.endswith(("_total", "_created")), sample_name
     # Durations that are not histograms also carry the unit.
@@ -133,7 +138,10 @@ async def test_metrics_parse_follow_conventions_and_count(tmp_path: Path) -> Non
             assert get(s, "relay_upstream_up", upstream=url) == 1
             assert get(s, "relay_sse_subscribers", topic="acks") == 1
             assert get(s, "relay_sse_subscribers", topic="reports") == 0
-            assert get(s, "relay_side_queue_drops_total", sink="audit_file") == 0
+            assert (
+                "relay_side_queue_drops_total",
+                frozenset({("sink", "audit_file"), ("reason", "full")}),
+            ) in s
             assert get(s, "relay_events_published_total") >= 3 + 1 + 4
             assert get(s, "relay_http_request_duration_seconds_count", route="/v1/reports") == 6
             assert get(s, "relay_http_request_duration_seconds_count", route="/v1/acks") == 4
@@ -225,4 +233,118 @@ async def test_upstream_down_shows_in_gauge(
         assert get(s, "relay_upstream_up", upstream=url) == 0
         status: dict[str, Any] = relay.status()
         assert status["upstreams"][0]["up"] is False
+        nursery.cancel_scope.cancel()
+
+
+async def promtool_check(text: str) -> str:
+    """``promtool check metrics`` on ``text``: its complaints ('' when clean). Fails (never
+    skips) in CI when promtool is missing, so the lint cannot silently stop running."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool not on PATH in CI (.ci/run installs Debian's prometheus)")
+        pytest.skip("promtool not on PATH (Debian package prometheus)")
+    done = await trio.run_process(
+        [promtool, "check", "metrics"],
+        stdin=text.encode(),
+        capture_stdout=True,
+        check=False,
+        capture_stderr=True,
+    )
+    out = (done.stdout + done.stderr).decode()
+    assert done.returncode == 0 or out, done
+    return out
+
+
+async def test_every_front_door_counter_is_exposed_and_promtool_clean(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path,
+        stream_listen=["tcp://127.0.0.1:0"],
+        ingest_token="tok",
+        side_audit_file=str(tmp_path / "audit.jsonl"),
+        rate_per_minute=6000,
+        burst=10,
+    )
+    with trio.fail_after(20):
+        async with running_server(config) as (server, client):
+            assert server.receiver is not None
+            address = parse_listen(server.receiver.bound[0])
+            # One stream connection with the right token (one line admitted), one without.
+            good = await trio.open_tcp_stream(address.host, address.port)
+            await good.send_all(b'{"token": "tok"}\n{"resource_id": "s1", "payload": 1}\n')
+            assert b'"message_id"' in await good.receive_some()
+            bad = await trio.open_tcp_stream(address.host, address.port)
+            await bad.send_all(b'{"token": "nope"}\n')
+            await eventually(
+                lambda: server.receiver is not None and server.receiver.auth_failures == 1
+            )
+            await bad.aclose()
+            r = await client.post(
+                "/v1/reports",
+                json={"resource_id": "h1", "payload": 1},
+                headers={"Authorization": "Bearer tok"},
+            )
+            assert r.status_code == 202
+            await eventually(lambda: server.relay.side.stats()["audit_file"]["written"] == 2)
+            text = (await client.get("/metrics")).text
+            status = (await client.get("/v1/status")).json()
+            await good.aclose()
+    check_conventions(text)
+    assert await promtool_check(text) == ""
+    _, s = parse(text)
+    assert get(s, "relay_stream_lines_admitted_total") == 1
+    assert get(s, "relay_stream_auth_failures_total") == 1
+    assert get(s, "relay_stream_connections") == 1
+    assert get(s, "relay_http_connections") >= 1
+    for name in (
+        "relay_stream_connections_refused_total",
+        "relay_stream_idle_timeouts_total",
+        "relay_stream_frames_too_large_total",
+        "relay_http_connections_refused_total",
+        "relay_http_connections_evicted_total",
+        "relay_http_read_timeouts_total",
+        "relay_http_accept_failures_total",
+        "relay_http_write_timeouts_total",
+    ):
+        assert (name, frozenset()) in s, name
+        assert get(s, name) == 0, name
+    assert get(s, "relay_side_queue_offered_total", sink="audit_file") == 2
+    assert get(s, "relay_side_queue_written_total", sink="audit_file") == 2
+    assert get(s, "relay_side_queue_drops_total", sink="audit_file", reason="full") == 0
+    assert ("relay_side_queue_queued", frozenset({("sink", "audit_file")})) in s
+    upstream = config.effective_upstreams[0]
+    assert get(s, "relay_file_upstream_slow_writes_total", upstream=upstream) == 0
+    assert ("relay_file_upstream_slow_writes_total", frozenset({("upstream", upstream)})) in s
+    assert ("relay_store_backlog", frozenset()) in s
+    # /v1/status carries the same figures, per door.
+    assert status["stream_receiver"]["lines_ok"] == 1
+    assert status["stream_receiver"]["auth_failures"] == 1
+    assert status["http"]["refused"] == 0 and status["http"]["write_timeouts"] == 0
+    assert status["file_upstream_slow_writes"] == {upstream: 0}
+    # The status page's "dead letters kept" tile and chart read this gauge.
+    assert status["gauges"]["dead_letters_kept"] == 0
+    assert status["metrics"]["relay_stream_auth_failures_total"] == 1
+
+
+async def test_promtool_flags_a_badly_named_counter() -> None:
+    """The lint really runs: a counter without ``_total`` is reported."""
+    bad = "# HELP relay_things Things\n# TYPE relay_things counter\nrelay_things 1\n"
+    assert "_total" in await promtool_check(bad)
+
+
+async def test_a_nack_that_dead_letters_counts_as_dead_not_nacked(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    relay, _ = memory_relay(tmp_path, mode="sent", max_attempts=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        assert isinstance(relay.admit({"resource_id": "x", "payload": 1}), Accepted)
+        await trio.sleep(1)
+        assert relay.acknowledge("x:1", "nack", "bad", None) == "dead"
+        _, s = parse(relay.metrics.render().decode())
+        assert get(s, "relay_acks_total", outcome="dead") == 1
+        assert get(s, "relay_acks_total", outcome="nacked") == 0
+        assert get(s, "relay_dead_letters_total", reason="max_attempts") == 1
+        (ack,) = relay.hub.ring.page(None, 100, "acks").events
+        assert orjson.loads(ack.json)["data"]["outcome"] == "dead"
         nursery.cancel_scope.cancel()

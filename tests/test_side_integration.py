@@ -92,7 +92,7 @@ async def test_stalled_webhook_never_slows_ingest_and_recovers(tmp_path: Path) -
                 drop_line = next(
                     line
                     for line in metrics.splitlines()
-                    if line.startswith('relay_side_queue_drops_total{sink="webhook"}')
+                    if line.startswith('relay_side_queue_drops_total{reason="full",sink="webhook"}')
                 )
                 assert float(drop_line.split()[-1]) >= 190, drop_line
                 assert not webhook_ids(hook) & set(ids)

@@ -12,9 +12,12 @@ from chromium_cdp import CdpError, Chromium, launch_chromium
 from fake_upstream import Behaviour, run_fake_upstream
 from relay_helpers import make_config, running_server
 
+from relay_trio.stores.base import DeadLetterQuery
+
 pytestmark = pytest.mark.slow
 
 READ_TOKEN = "read-token-for-the-page"
+ADMIN_TOKEN = "admin-token-for-redrive"
 INGEST = {"Authorization": "Bearer ingest-token"}
 
 
@@ -61,6 +64,7 @@ async def test_page_charts_and_panels_follow_a_live_relay(tmp_path: Path) -> Non
             upstreams=[up.url],
             read_token=READ_TOKEN,
             ingest_token="ingest-token",
+            admin_token=ADMIN_TOKEN,
             burst=3,
             max_attempts=1,
             failures_to_down=2,
@@ -130,6 +134,12 @@ async def test_page_charts_and_panels_follow_a_live_relay(tmp_path: Path) -> Non
                 assert await post(client, f"dl-{i}") == 202
             await wait_for(browser, session, series_sum("deadletters", 1) + " === 3")
             await wait_for(browser, session, "window.relayPage.deadLetters.length === 3")
+            # The "kept" tile reads /v1/status gauges.dead_letters_kept (the store's count).
+            await wait_for(
+                browser,
+                session,
+                "document.getElementById('tiles').textContent.includes('3dead letters kept')",
+            )
             rows = await browser.evaluate(
                 session, "document.getElementById('deadletters').textContent"
             )
@@ -145,3 +155,52 @@ async def test_page_charts_and_panels_follow_a_live_relay(tmp_path: Path) -> Non
             # Gauges come from /v1/status: the page is one of the SSE subscribers.
             await wait_for(browser, session, "Math.max(...window.relayCharts.subscribers[1]) >= 1")
             assert server.relay.hub.subscriber_count() == 1  # one subscription, not one per chart
+
+            # Redrive one dead letter from its row: the page asks for the admin token (kept
+            # in sessionStorage, never in the URL), shows the answer and lists the panel again.
+            up.behaviour = Behaviour(sync_ack=True)
+            row_button = (
+                "[...document.querySelectorAll('#deadletters tr')]"
+                ".find((tr) => tr.textContent.includes('dl-0:1')).querySelector('button.redrive')"
+            )
+            await browser.evaluate(session, row_button + ".click(); true")
+            await wait_for(
+                browser, session, "document.getElementById('admin-auth').offsetParent !== null"
+            )
+            await browser.evaluate(
+                session,
+                f"document.getElementById('admin-token').value = '{ADMIN_TOKEN}';"
+                "document.getElementById('admin-auth').requestSubmit(); true",
+            )
+            answer = await wait_for(
+                browser,
+                session,
+                "window.relayPage.redrive && window.relayPage.redrive.status === 200"
+                " && window.relayPage.redrive.body",
+            )
+            assert answer["redriven"] == 1 and answer["message_ids"] == ["dl-0:1"], answer
+            await wait_for(browser, session, "window.relayPage.deadLetters.length === 2")
+            assert "dl-0:1" not in await browser.evaluate(session, "window.relayPage.deadLetters")
+            shown = await browser.evaluate(
+                session, "document.getElementById('redrive-result').textContent"
+            )
+            assert "1 redriven of 1" in shown, shown
+            assert ADMIN_TOKEN not in await browser.evaluate(session, "location.href")
+            assert (
+                await browser.evaluate(session, "sessionStorage.getItem('relay-trio-admin-token')")
+                == ADMIN_TOKEN
+            )
+            page = await server.relay.store.query_dead_letters(
+                DeadLetterQuery(message_ids=("dl-0:1",))
+            )
+            assert page.items == []
+            await browser.evaluate(
+                session,
+                "document.getElementById('log-filter').value = 'dl-0:1';"
+                "document.getElementById('log-filter').dispatchEvent(new Event('input')); true",
+            )
+            await wait_for(
+                browser,
+                session,
+                "document.getElementById('log').textContent.includes('redriven')",
+            )

@@ -42,11 +42,12 @@ STATUS_PAGE: Final = b"""<!doctype html>
 <th>last change</th><th>sends</th><th>failed</th><th>failing streak</th></tr></thead>
 <tbody id="upstreams"></tbody></table></div>
 <div class="panel" id="deadletters-panel"><h2>Newest dead letters</h2><table><thead><tr>
-<th>dead at</th><th>message</th><th>reason</th><th>attempts</th><th>last error</th></tr></thead>
+<th>dead at</th><th>message</th><th>reason</th><th>attempts</th><th>last error</th><th></th></tr></thead>
 <tbody id="deadletters"></tbody></table>
-<!-- REDRIVE: a redrive button per row (and for a filter) belongs here once
-POST /v1/deadletters:redrive exists; the admin token is asked for in the page,
-kept in memory only, never put in the URL. -->
+<form id="admin-auth" autocomplete="off" hidden><span id="admin-msg"></span>
+<input id="admin-token" type="password" placeholder="admin token" aria-label="admin token">
+<button type="submit">Redrive</button></form>
+<p id="redrive-result" role="status"></p>
 <p class="note">From GET /v1/deadletters; full history with <code>relay-trio</code> or the API.</p>
 </div>
 </section>

@@ -17,6 +17,7 @@ import attrs
 import orjson
 import trio
 
+from ..core import event_schemas as ev
 from ..core.config import RelayConfig
 from ..core.limiter import LeakyBucket
 from ..core.model import Accepted, Problem, validate_report
@@ -120,11 +121,13 @@ class Admission:
             now=now,
         )
         m.reports_admitted.inc()
-        event: dict[str, Any] = {"message_id": message_id, "resource_id": rid, "kind": report.kind}
         if isinstance(superseded, str):
             m.superseded.inc()
-            event["superseded"] = superseded
-        self.events.publish("reports", event)
+        self.events.emit(
+            ev.report_admitted(
+                message_id, rid, report.kind, superseded if isinstance(superseded, str) else None
+            )
+        )
         if self._side_enabled:
             self.side.offer(
                 orjson.dumps(
@@ -183,7 +186,7 @@ class Admission:
     def _reject(self, state: ResourceState, reason: str, retry_after: float) -> Problem:
         state.rejected += 1
         self.metrics.rejected[reason].inc()
-        self.events.publish("drops", {"resource_id": state.resource_id, "reason": reason})
+        self.events.emit(ev.report_dropped(state.resource_id, reason))
         title = "Rate limited" if reason == "rate_limited" else "Upstream ACK is stale"
         self._evict_pushed_out()
         return Problem(

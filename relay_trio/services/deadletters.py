@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 import orjson
 
+from ..core import event_schemas as ev
 from ..core.ids import MessageId
 from ..core.umh import DeadLetter
 from ..core.views import rfc3339
@@ -94,13 +95,6 @@ class DeadLetterBook:
             dead.reason,
             extra={"message_id": dead.message_id, "resource_id": dead.resource_id},
         )
-        self.events.publish(
-            "deadletter",
-            {
-                "action": "dead",
-                "message_id": dead.message_id,
-                "resource_id": dead.resource_id,
-                "reason": dead.reason,
-                "attempts": len(dead.attempts),
-            },
+        self.events.emit(
+            ev.dead_lettered(dead.message_id, dead.resource_id, dead.reason, len(dead.attempts))
         )

@@ -27,6 +27,7 @@ import attrs
 import orjson
 import trio
 
+from ..core import event_schemas as ev
 from ..core.config import RelayConfig
 from ..core.ids import MessageId
 from ..core.resources import ResourceState, ResourceTable
@@ -240,7 +241,7 @@ class Delivery:
                         url,
                         extra={"upstream": url},
                     )
-                    self.events.publish("system", {"kind": "upstream_down", "upstream": url})
+                    self.events.emit(ev.upstream_down(url))
                 outcome = self.umh.send_failed(
                     message.message_id, now, result.detail, result.retry_after
                 )
@@ -251,9 +252,7 @@ class Delivery:
                 woke = True
                 continue
             if router.record_success(index, now):
-                self.events.publish(
-                    "system", {"kind": "upstream_up", "upstream": router.urls[index]}
-                )
+                self.events.emit(ev.upstream_up(router.urls[index]))
             if status is SendStatus.ACKED:
                 self._acknowledged(message.message_id, "ack", None, None, now, synchronous=True)
             else:
@@ -303,16 +302,7 @@ class Delivery:
             self._persist_attempts(message_id, MessageId.of(message_id).resource_id, now)
         if self.draining:
             self.check_settled()
-        self.events.publish(
-            "acks",
-            {
-                "message_id": message_id,
-                "status": status,
-                "outcome": outcome,
-                "synchronous": synchronous,
-                **({"reason": reason} if reason else {}),
-            },
-        )
+        self.events.emit(ev.ack_received(message_id, status, outcome.value, synchronous, reason))
         return outcome.value
 
     def _persist_attempts(self, message_id: str, resource_id: str, now: float) -> None:
@@ -420,13 +410,8 @@ class Delivery:
             results = await self.upstreams[index].send_batch(batch, self.config.send_timeout)
             self.on_send_results(batch, results)
 
-        self.events.publish(
-            "system",
-            {
-                "kind": "flush",
-                "mode": "sequential" if sequential else "parallel",
-                "messages": sum(map(len, groups.values())),
-            },
+        self.events.emit(
+            ev.flushing("sequential" if sequential else "parallel", sum(map(len, groups.values())))
         )
         if sequential:
             for index, batch in sorted(groups.items()):
@@ -476,9 +461,7 @@ class Delivery:
                 now = trio.current_time()
                 if ok:
                     if self.router.record_success(index, now):
-                        self.events.publish(
-                            "system", {"kind": "upstream_up", "upstream": self.router.urls[index]}
-                        )
+                        self.events.emit(ev.upstream_up(self.router.urls[index]))
                 else:
                     self.router.record_failure(index, now)
 

@@ -36,6 +36,7 @@ import attrs
 import orjson
 import trio
 
+from ..core.event_schemas import overflow, shutdown
 from ..core.events import TOPICS, Event, EventRing, format_sse
 from ..core.model import Problem
 
@@ -258,12 +259,12 @@ class EventHub:
     #: Minimum time between two flushes while events keep coming.
     coalesce_interval: float = attrs.field(default=0.025, kw_only=True)
     #: SSE writes per second the flusher aims to stay under: after a flush that woke
-    #: ``n`` subscribers, the next one waits at least ``n / write_budget`` seconds. Each
+    #: ``n`` subscribers, the next one waits at least ``n / sse_write_budget`` seconds. Each
     #: flush costs one write per subscriber, and rounds of writes run back to back
     #: delay the publisher and the flusher themselves (measured: 1000 subscribers x 100
     #: events/s on 2 slow cores, a 25 ms tick gave p99 ~280 ms at ~83% CPU, a 120 ms
     #: one ~205 ms at ~66%). A lone event on a quiet hub still goes out at once.
-    write_budget: float = attrs.field(default=8000.0, kw_only=True)
+    sse_write_budget: float = attrs.field(default=8000.0, kw_only=True)
     #: A pending batch this large wakes the flusher early; 4x this flushes inline.
     max_batch: int = attrs.field(default=512, kw_only=True)
     #: ``Retry-After`` hint for refused subscribers, seconds.
@@ -290,9 +291,9 @@ class EventHub:
     _closed: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.heartbeat_interval <= 0 or self.coalesce_interval < 0 or self.write_budget <= 0:
+        if self.heartbeat_interval <= 0 or self.coalesce_interval < 0 or self.sse_write_budget <= 0:
             raise ValueError(
-                "heartbeat_interval and write_budget must be > 0, coalesce_interval >= 0"
+                "heartbeat_interval and sse_write_budget must be > 0, coalesce_interval >= 0"
             )
         if min(self.subscriber_buffer, self.subscriber_buffer_bytes, self.max_batch) < 1:
             raise ValueError("subscriber_buffer, subscriber_buffer_bytes, max_batch must be >= 1")
@@ -360,7 +361,7 @@ class EventHub:
 
     def flush_window(self) -> float:
         """Seconds the flusher waits after a flush before the next one (batch not full)."""
-        return max(self.coalesce_interval, self.last_flush_writes / self.write_budget)
+        return max(self.coalesce_interval, self.last_flush_writes / self.sse_write_budget)
 
     async def _heartbeats(self) -> None:
         # One timer for all subscribers: sleep until the least recently written one is
@@ -463,13 +464,7 @@ class EventHub:
         self.dropped += n
         sub.end = format_sse(
             "overflow",
-            orjson.dumps(
-                {
-                    "reason": "slow_subscriber",
-                    "buffer": self.subscriber_buffer,
-                    "last_id": sub.last_id,
-                }
-            ),
+            orjson.dumps(overflow(self.subscriber_buffer, sub.last_id)),
         )
         self._unregister(sub)
 
@@ -533,19 +528,20 @@ class EventHub:
             return len(self._subs)
         return self._topic_counts[topic]
 
-    def close(self, final_event_data: Mapping[str, Any], at: str) -> Event | None:
+    def close(self, reason: str, at: str) -> Event | None:
         """Graceful shutdown: deliver pending events, then a ``system`` shutdown event to
         every subscriber (SSE ``event: shutdown``, with its id), and end their streams.
 
-        Synchronous, never blocks. The event's data is ``{"kind": "shutdown",
-        **final_event_data}`` and is also kept in the ring. Later subscribes raise
+        Synchronous, never blocks. The event's data is ``{"kind": "shutdown", "reason":
+        reason}`` (:func:`~relay_trio.core.event_schemas.shutdown`) and is also kept in the ring. Later subscribes raise
         :class:`SubscriberLimit` (scope ``"closed"``); ``run`` returns. Returns the event,
         or ``None`` if the hub was already closed.
         """
         if self._closed:
             return None
         self._flush()
-        event = self.ring.publish("system", {"kind": "shutdown", **final_event_data}, at)
+        final = shutdown(reason)
+        event = self.ring.publish(final.topic, final.data, at)
         self.published += 1
         self._closed = True
         frame = format_sse("shutdown", event.json, event.id)

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import attrs
 
+from ..core.event_schemas import EventData
 from ..core.views import rfc3339
 from ..metrics import RelayMetrics
 from ..stores.base import Changes, Store
@@ -46,6 +47,11 @@ class EventPublisher:
         changes = Changes()
         changes.set_meta(META_EVENT_ID, self.reserved)
         self.store.stage(changes)
+
+    def emit(self, event: EventData) -> None:
+        """Publish one payload built by a constructor of :mod:`relay_trio.core.event_schemas`
+        (never blocks)."""
+        self.publish(event.topic, event.data)
 
     def publish(self, topic: str, data: Mapping[str, Any]) -> None:
         """Publish one event (never blocks; the ring rejects an unknown topic)."""

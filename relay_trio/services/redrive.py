@@ -16,6 +16,7 @@ import attrs
 import orjson
 import trio
 
+from ..core import event_schemas as ev
 from ..core.resources import ResourceTable
 from ..stores.base import Changes, DeadLetterQuery, Store
 from .delivery import Delivery, message_record
@@ -82,15 +83,7 @@ async def redrive(
                 upstream=dead.upstream,
             )._replace(seq=dead.seq)
         )
-        events.publish(
-            "deadletter",
-            {
-                "action": "redriven",
-                "message_id": dead.message_id,
-                "resource_id": dead.resource_id,
-                "reason": dead.reason,
-            },
-        )
+        events.emit(ev.redriven(dead.message_id, dead.resource_id, dead.reason))
     if changes:
         await store.durable(store.stage(changes))
     return {

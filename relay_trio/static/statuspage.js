@@ -14,6 +14,7 @@
   const LOG_SHOW = 200;      // log lines drawn
   const DL_SHOW = 8;         // newest dead letters listed
   const TOKEN_KEY = 'relay-trio-read-token';
+  const ADMIN_KEY = 'relay-trio-admin-token';   // redrive: sessionStorage, never the URL
 
   // Per-second series from events (index into a bucket) and from counter deltas.
   const S = { admitted: 0, rate_limited: 1, stale_ack: 2, other_rejected: 3, acked: 4, nacked: 5,
@@ -230,6 +231,54 @@
     drawDeadLetters();
   }
 
+  // --- redrive: admin token asked for in the page, kept for this tab (sessionStorage) --
+  let redriveWaiting = null;          // message id waiting for the admin token
+  function showRedrive(text, ok) {
+    const p = $('redrive-result');
+    p.textContent = text; p.className = ok ? 'ok' : 'bad';
+  }
+  async function redrive(messageId) {
+    const admin = sessionStorage.getItem(ADMIN_KEY);
+    const h = { 'Content-Type': 'application/json' };
+    if (admin) h.Authorization = 'Bearer ' + admin;
+    let r;
+    try {
+      r = await fetch('/v1/deadletters:redrive', { method: 'POST', headers: h, cache: 'no-store',
+        body: JSON.stringify({ message_ids: [messageId] }) });
+    } catch (_) { showRedrive('redrive ' + messageId + ': relay unreachable', false); return; }
+    if (r.status === 401 || r.status === 403) {
+      if (admin) sessionStorage.removeItem(ADMIN_KEY);
+      redriveWaiting = messageId;
+      $('admin-msg').textContent = (admin ? 'Admin token refused. ' : '')
+        + 'Admin token to redrive ' + messageId + ': ';
+      $('admin-auth').hidden = false;
+      $('admin-token').focus();
+      return;
+    }
+    let body = {};
+    try { body = await r.json(); } catch (_) { /* keep the status line */ }
+    window.relayPage.redrive = { status: r.status, body };
+    if (!r.ok) {
+      showRedrive('redrive ' + messageId + ': HTTP ' + r.status + ' ' + (body.title || ''), false);
+      return;
+    }
+    const skipped = Object.entries(body.skipped_by_reason || {}).map(([k, n]) => n + ' ' + k);
+    showRedrive('redrive ' + messageId + ': ' + body.redriven + ' redriven of ' + body.matched
+      + ' matched' + (skipped.length ? ', skipped ' + skipped.join(', ') : ''), body.redriven > 0);
+    // The dead letter left the store: list the panel again from the start.
+    deadLetters.length = 0; dlCursor = 0; dlTotalSeen = 0;
+    await fetchDeadLetters();
+  }
+  $('admin-auth').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const admin = $('admin-token').value.trim();
+    $('admin-token').value = '';
+    $('admin-auth').hidden = true;
+    if (admin) sessionStorage.setItem(ADMIN_KEY, admin);
+    const waiting = redriveWaiting; redriveWaiting = null;
+    if (waiting && admin) redrive(waiting);
+  });
+
   // --- drawing (once per second) -----------------------------------------------------
   const fmt = (n) => (n >= 1e6 ? (n / 1e6).toFixed(1) + 'M' : n >= 1e4 ? (n / 1e3).toFixed(1) + 'k'
     : String(Math.round(n * 10) / 10));
@@ -294,7 +343,7 @@
     const body = $('deadletters');
     if (!deadLetters.length) {
       const tr = document.createElement('tr');
-      const td = cell(tr, 'no dead letters', 'empty'); td.colSpan = 5;
+      const td = cell(tr, 'no dead letters', 'empty'); td.colSpan = 6;
       body.replaceChildren(tr);
     } else {
       body.replaceChildren(...deadLetters.map((d) => {
@@ -306,8 +355,11 @@
         cell(tr, String(attempts.length));
         const last = attempts[attempts.length - 1];
         cell(tr, last ? (last.detail || last.outcome || '') : '');
-        // REDRIVE: when POST /v1/deadletters:redrive exists, a per-row "redrive" button
-        // goes here (the admin token is asked for in the page and kept in memory only).
+        const button = document.createElement('button');
+        button.className = 'redrive'; button.textContent = 'redrive';
+        button.title = 'POST /v1/deadletters:redrive for ' + d.message_id;
+        button.addEventListener('click', () => redrive(d.message_id));
+        cell(tr, '').append(button);
         return tr;
       }));
     }
