@@ -71,7 +71,13 @@ def open_store(config: RelayConfig) -> Store:
     from .stores.sqlite import SqliteStore
 
     sync = cast(Literal["normal", "full", "off"], config.store_sync)  # validated by config
-    return SqliteStore(Path(config.data_dir) / "relay.db", sync, config.max_dead_letters)
+    return SqliteStore(
+        Path(config.data_dir) / "relay.db",
+        sync,
+        config.max_dead_letters,
+        # Half of the close budget; closing the upstream clients gets the other half.
+        flush_budget=config.close_budget / 2,
+    )
 
 
 @attrs.define(eq=False)
@@ -538,7 +544,8 @@ class Relay:
                 task_status.started()
         finally:
             self.ready.value = False
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
+            # The last share of shutdown_timeout (close_budget): see relay_trio/shutdown.py.
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.close_budget / 2):
                 for upstream in self.upstreams:
                     await upstream.aclose()
 

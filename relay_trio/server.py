@@ -10,7 +10,6 @@ import errno
 import gc
 import logging
 import math
-import signal
 from collections.abc import Callable
 from functools import partial
 from typing import Final
@@ -31,6 +30,7 @@ from .http.hypercorn_patch import (
 )
 from .metrics import HTTP_FRONT_DOOR_FIGURES, STREAM_RECEIVER_FIGURES
 from .relay import Relay
+from .shutdown import Shutdown
 from .stream.receiver import ReceiverLimits, StreamReceiver
 from .systemd import SystemdNotifier
 
@@ -237,7 +237,7 @@ class RelayServer:
         check_hypercorn_version()
         relay = self.relay
         app = create_app(relay)
-        http_stopped = trio.Event()
+        shutdown = Shutdown(self.config, relay, self.notifier)
         # The write watchdog outlives the root scope: when the root is cancelled, a write
         # hypercorn shields may still be blocked on a peer that never reads, and only the
         # watchdog can cut it.
@@ -247,9 +247,8 @@ class RelayServer:
             outer.start_soon(self.notifier.run_watchdog)
             async with trio.open_nursery() as root:
                 if install_signal_handlers:
-                    root.start_soon(self._watch_signals, root.cancel_scope)
+                    root.start_soon(shutdown.watch_signals, root.cancel_scope)
                 await root.start(relay.run)
-                http_done = trio.Event()
 
                 async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
                     try:
@@ -258,11 +257,11 @@ class RelayServer:
                             hypercorn_config(self.config),
                             self.front_door.policy,
                             self.front_door.accept_loop,
-                            shutdown_trigger=http_stopped.wait,
+                            shutdown_trigger=shutdown.http_stop.wait,
                             task_status=task_status,
                         )
                     finally:
-                        http_done.set()
+                        shutdown.http_done.set()
 
                 binds: list[str] = await root.start(run_http)
                 self.urls = list(binds)
@@ -270,39 +269,14 @@ class RelayServer:
                     await root.start(self.receiver.run)
                 self.notifier.ready(f"listening on {self.urls[0]}")
                 task_status.started(self.urls)
-                await relay.shutdown_requested.wait()
-                self.exit_reason = relay.shutdown_reason
-                self.notifier.stopping(f"draining ({self.exit_reason})")
-                # Seed 002: the drain gets most of the budget; stopping HTTP gets the rest.
-                with trio.move_on_after(self.config.drain_budget) as budget:
-                    if self.receiver is not None:
-                        self.receiver.stop_accepting()
-                    await relay.drain(self.receiver)
-                if budget.cancelled_caught:
-                    log.warning("shutdown drain budget exhausted; reporting what is left")
-                relay.finish_shutdown()
-                self.notifier.status("stopping HTTP")
-                http_stopped.set()
-                with trio.move_on_after(self.config.shutdown_timeout - self.config.drain_budget):
-                    await http_done.wait()
-                # Whatever is still writing now would only delay the cancellation.
-                watchdog.sweep(trio.current_time(), older_than=0)
-                root.cancel_scope.cancel()
+                await shutdown.run(
+                    root.cancel_scope,
+                    self.receiver,
+                    stop_receiver=None if self.receiver is None else self.receiver.stop_accepting,
+                    cut_writes=lambda: watchdog.sweep(trio.current_time(), older_than=0),
+                )
+                self.exit_reason = shutdown.reason
             outer.cancel_scope.cancel()
-
-    async def _watch_signals(self, root: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                if not self.relay.shutdown_requested.is_set():
-                    log.info("received %s: draining", signal.Signals(signum).name)
-                    self.relay.request_shutdown(signal.Signals(signum).name)
-                else:
-                    log.warning("second signal: cancelling at once")
-                    # Even a hard stop reports what it could not deliver (dead letters,
-                    # spooled on cancellation) and ends SSE streams with the shutdown event.
-                    self.relay.finish_shutdown()
-                    root.cancel()
-                    return
 
 
 def run_forever(config: RelayConfig, announce: Callable[[str], None]) -> None:

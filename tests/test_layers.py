@@ -26,6 +26,7 @@ LAYERS = {
     "stream": 3,
     "relay": 4,
     "server": 5,
+    "shutdown": 5,
     "client": 5,
     "cli": 6,
     "cli_deadletters": 6,

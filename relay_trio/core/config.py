@@ -37,6 +37,8 @@ FD_RESERVE_PER_HTTP_UPSTREAM: Final = 64
 MIN_HTTP_CONNECTIONS: Final = 16
 #: Share of ``shutdown_timeout`` stream connections get to finish their lines.
 RECEIVER_SHARE: Final = 0.1
+#: Share of ``shutdown_timeout`` (at most 1 s) for the store's last commit and closing clients.
+CLOSE_SHARE: Final = 0.05
 
 
 class ConfigError(ValueError):
@@ -249,6 +251,12 @@ class RelayConfig:
     def drain_budget(self) -> float:
         """The part of ``shutdown_timeout`` the staged drain may use (the rest stops HTTP)."""
         return self.shutdown_timeout * DRAIN_SHARE
+
+    @property
+    def close_budget(self) -> float:
+        """The last part of ``shutdown_timeout``: the store's final commit and closing the
+        upstream clients (after HTTP has stopped)."""
+        return min(1.0, self.shutdown_timeout * CLOSE_SHARE)
 
     @property
     def receiver_drain_budget(self) -> float:

@@ -48,9 +48,6 @@ class _Batch:
     ticket: Ticket = attrs.field(factory=Ticket)
 
 
-_FLUSH_BUDGET = 1.0
-
-
 @attrs.define(eq=False)
 class SqliteStore:
     """The store port on one SQLite file, with group commit (see the module docstring).
@@ -64,6 +61,8 @@ class SqliteStore:
     sync: SyncMode
     max_dead_letters: int
     max_batch: int = 2000
+    #: How long the final commit at cancellation may take (shielded).
+    flush_budget: float = 1.0
     kind: str = attrs.field(init=False, default="sqlite")
     on_commit: Callable[[float, int], None] | None = attrs.field(init=False, default=None)
     _file: SqliteFile = attrs.field(init=False)
@@ -157,7 +156,7 @@ class SqliteStore:
                 await self._commit(self._staged.popleft())
         finally:
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(_FLUSH_BUDGET):
+                with trio.move_on_after(self.flush_budget):
                     while self._staged:
                         await self._commit(self._staged.popleft())
                 self._closed = True
