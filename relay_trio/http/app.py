@@ -52,6 +52,12 @@ PROBLEM_JSON: Final = "application/problem+json"
 JSON: Final = "application/json"
 NDJSON: Final = "application/x-ndjson"
 MAX_JSON_DEPTH: Final = 64
+#: Request headers of POST /v1/reports that set a report field (docs/upstream.md).
+REPORT_HEADERS: Final = (
+    ("Idempotency-Key", "idempotency_key"),
+    ("traceparent", "traceparent"),
+    ("tracestate", "tracestate"),
+)
 
 
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> Response:
@@ -210,6 +216,13 @@ def create_app(relay: Relay) -> QuartTrio:
         obj = decode_json(body)
         if isinstance(obj, Problem):
             return refused(obj, "malformed")
+        if isinstance(obj, dict):
+            # The delivery contract's headers are the same fields as on a batch/stream line
+            # (a header wins over a body member of the same name).
+            for header, field in REPORT_HEADERS:
+                value = request.headers.get(header)
+                if value is not None:
+                    obj[field] = value
         result = relay.admit(obj)
         if isinstance(result, Accepted):
             # A 2xx promises durability: answer only once the store has the report.
@@ -217,9 +230,12 @@ def create_app(relay: Relay) -> QuartTrio:
                 await relay.durable()
             except StoreError as exc:
                 return problem_response(store_unavailable(exc))
-            return Response(
+            response = Response(
                 orjson.dumps({"message_id": result.message_id}), status=202, content_type=JSON
             )
+            if result.replayed:
+                response.headers["Idempotent-Replayed"] = "true"
+            return response
         return problem_response(result)
 
     @app.post("/v1/reports:batch")
