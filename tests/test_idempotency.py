@@ -77,10 +77,14 @@ async def test_repeat_gets_original_answer_not_admitted_nor_charged_one_delivery
 async def test_same_key_other_report_is_422_idempotency_mismatch(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    relay, ups = memory_relay(tmp_path, rate_per_minute=600.0)
+    relay, _ = memory_relay(tmp_path, rate_per_minute=600.0)
     async with started(relay):
         assert isinstance(relay.admit(report("k-1")), Accepted)
-        for other in (report("k-1", n=2), report("k-1", rid="vm-2"), {**report("k-1"), "kind": "x"}):
+        for other in (
+            report("k-1", n=2),
+            report("k-1", rid="vm-2"),
+            {**report("k-1"), "kind": "x"},
+        ):
             refused = relay.admit(other)
             assert isinstance(refused, Problem)
             assert refused.status == 422
