@@ -287,3 +287,22 @@ async def test_http_header_replay_and_batch_line_marker(tmp_path: Path) -> None:
         assert sorted(o.message_id for o in only(ups).received) == sorted(
             [first.json()["message_id"], results[0]["message_id"]]
         )
+
+
+async def test_stream_lines_replay_with_marker(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from relay_trio.core.line_protocol import LineConnection
+
+    relay, ups = memory_relay(tmp_path, rate_per_minute=600.0)
+    async with started(relay):
+        conn = LineConnection(relay.admit, max_frame=4096)
+        line = orjson.dumps(report("s-1")) + b"\n"
+        replies = [orjson.loads(r) for r in conn.receive_data(line + line).splitlines()]
+        mid = replies[0]["message_id"]
+        assert replies == [
+            {"message_id": mid, "line": 1},
+            {"message_id": mid, "replayed": True, "line": 2},
+        ]
+        await trio.sleep(1)
+        assert [o.message_id for o in only(ups).received] == [mid]
