@@ -270,7 +270,13 @@ async def test_http_header_replay_and_batch_line_marker(tmp_path: Path) -> None:
         assert other.status_code == 422
         assert other.json()["type"].endswith("/idempotency-mismatch")
         bad = await client.post("/v1/reports", json=body, headers={"Idempotency-Key": "x" * 256})
-        assert bad.status_code == 422 and bad.json()["field"] == "idempotency_key"
+        assert bad.status_code == 422 and bad.json()["parameter"] == "Idempotency-Key"
+        bad_body = await client.post(
+            "/v1/reports",
+            json={**body, "idempotency_key": "has space"},
+            headers={"Idempotency-Key": "h-2"},
+        )
+        assert bad_body.status_code == 422 and bad_body.json()["field"] == "idempotency_key"
         lines = [
             {"resource_id": "vm-2", "payload": 1, "idempotency_key": "b-1"},
             {"resource_id": "vm-2", "payload": 1, "idempotency_key": "b-1"},

@@ -107,21 +107,32 @@ def validate_report(obj: object) -> Report | Problem:
     if kind is not None and (not isinstance(kind, str) or not 0 < len(kind) <= MAX_KIND_LEN):
         return invalid(f"kind must be a string of 1-{MAX_KIND_LEN} characters", field="kind")
     assert isinstance(rid, str)
+    refused = contract_fields_problem(obj)
+    if refused is not None:
+        return refused
+    key = obj.get("idempotency_key")
+    parent, state = obj.get("traceparent"), obj.get("tracestate")
+    # W3C trace context: a malformed traceparent is ignored (a new trace is started).
+    trace = None if parent is None else parse_traceparent(parent, state)
+    return Report(
+        resource_id=rid, payload=obj["payload"], kind=kind, idempotency_key=key, trace=trace
+    )
+
+
+def contract_fields_problem(obj: dict[Any, Any]) -> Problem | None:
+    """422 when a report's ``idempotency_key`` is not 1-255 visible ASCII characters or its
+    ``traceparent``/``tracestate`` is not a string (``null`` is absent); else ``None``."""
     key = obj.get("idempotency_key")
     if key is not None and not valid_key(key):
         return invalid(
             f"idempotency_key must be 1-{MAX_KEY_LEN} visible ASCII characters (no spaces)",
             field="idempotency_key",
         )
-    parent, state = obj.get("traceparent"), obj.get("tracestate")
-    for name, value in (("traceparent", parent), ("tracestate", state)):
+    for name in ("traceparent", "tracestate"):
+        value = obj.get(name)
         if value is not None and not isinstance(value, str):
             return invalid(f"{name} must be a string", field=name)
-    # W3C trace context: a malformed traceparent is ignored (a new trace is started).
-    trace = None if parent is None else parse_traceparent(parent, state)
-    return Report(
-        resource_id=rid, payload=obj["payload"], kind=kind, idempotency_key=key, trace=trace
-    )
+    return None
 
 
 @attrs.frozen

@@ -19,13 +19,16 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..core.events import MAX_PAGE, render_page
+from ..core.idempotency import MAX_KEY_LEN, valid_key
 from ..core.ids import CURSOR_MAX
 from ..core.limiter import retry_after_header
 from ..core.line_protocol import reply_line
 from ..core.model import (
     Accepted,
     Problem,
+    contract_fields_problem,
     empty_batch,
+    invalid_query,
     malformed,
     too_large,
     validate_ack,
@@ -208,6 +211,26 @@ def create_app(relay: Relay) -> QuartTrio:
         count_refused(reason)
         return problem_response(problem)
 
+    def with_contract_headers(obj: dict[Any, Any]) -> dict[Any, Any] | Problem:
+        """The report with the delivery contract's headers as its fields (the same fields
+        a batch or stream line carries): a header wins over a body member of the same name,
+        both must be valid (422), an empty ``traceparent``/``tracestate`` header is absent."""
+        given = [(f, request.headers.get(h)) for h, f in REPORT_HEADERS]
+        if all(value is None for _, value in given):
+            return obj
+        refused = contract_fields_problem(obj)
+        if refused is not None:
+            return refused
+        for field, value in given:
+            if value is None or (not value and field != "idempotency_key"):
+                continue
+            if field == "idempotency_key" and not valid_key(value):
+                return invalid_query(
+                    "Idempotency-Key", f"must be 1-{MAX_KEY_LEN} visible ASCII characters"
+                )
+            obj[field] = value
+        return obj
+
     @app.post("/v1/reports")
     async def post_report() -> Response:
         body = await authorized_body("ingest", config.max_body_bytes)
@@ -217,12 +240,11 @@ def create_app(relay: Relay) -> QuartTrio:
         if isinstance(obj, Problem):
             return refused(obj, "malformed")
         if isinstance(obj, dict):
-            # The delivery contract's headers are the same fields as on a batch/stream line
-            # (a header wins over a body member of the same name).
-            for header, field in REPORT_HEADERS:
-                value = request.headers.get(header)
-                if value is not None:
-                    obj[field] = value
+            contract = with_contract_headers(obj)
+            if isinstance(contract, Problem):
+                count_refused("invalid")
+                return problem_response(contract)
+            obj = contract
         result = relay.admit(obj)
         if isinstance(result, Accepted):
             # A 2xx promises durability: answer only once the store has the report.
