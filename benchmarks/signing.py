@@ -7,8 +7,10 @@ alike): a relay (memory store) admits ``N`` reports for ``N`` resources through
 ``relay.admit`` and delivers each over HTTP to an in-process hypercorn upstream that answers
 ``{"ack": true}``; a round ends when every message is acknowledged. ``unsigned`` has no
 secret, ``signed`` has two (a rotation: two HMACs per delivery, the worst normal case).
-Reported: median reports/s per variant and the ratio signed/unsigned (target: >= 0.90),
-plus the header-building cost alone per delivery (µs, ``HttpUpstream.headers``).
+Reported per variant (medians over rounds): reports/s (wall clock) and CPU µs per report
+(``process_time``: relay + upstream, steadier on a shared machine), their ratios, and the
+header-building cost alone per delivery (µs, ``HttpUpstream.headers``). Target: the signed
+path costs at most 10% more CPU per report.
 
 A measuring tool, not product code: it reads the wall clock (``perf_counter``).
 """
@@ -42,7 +44,8 @@ from relay_trio.upstreams.base import Outbound
 from relay_trio.upstreams.http import HttpUpstream
 
 SECRETS = " ".join("whsec_" + base64.b64encode(bytes([i]) * 32).decode() for i in (1, 2))
-TARGET = 0.90
+#: Signed CPU per report may be at most this multiple of unsigned ("within 10%").
+TARGET = 1.10
 
 
 async def _ack_app(scope: Any, receive: Any, send: Any) -> None:
@@ -65,8 +68,11 @@ async def _ack_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b'{"ack":true}'})
 
 
-async def one_round(url: str, data_dir: str, reports: int, signed: bool, tag: int) -> float:
-    """Admit ``reports`` reports, return seconds until every one is acknowledged."""
+async def one_round(
+    url: str, data_dir: str, reports: int, signed: bool, tag: int
+) -> tuple[float, float]:
+    """Admit ``reports`` reports; return (wall, CPU) seconds until every one is acknowledged
+    (CPU of the whole process: relay and upstream, every thread)."""
     flags: dict[str, Any] = {
         "data_dir": data_dir,
         "port": 0,
@@ -81,14 +87,16 @@ async def one_round(url: str, data_dir: str, reports: int, signed: bool, tag: in
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.run)
         started = time.perf_counter()
+        cpu = time.process_time()
         for i in range(reports):
             relay.admit({"resource_id": f"r{tag}-{i}", "payload": {"i": i, "pad": "x" * 200}})
         await relay.durable()
         while relay.umh.pending_count():  # noqa: ASYNC110 - measuring, not waiting on state
             await trio.sleep(0.001)
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
         nursery.cancel_scope.cancel()
-    return elapsed
+    return elapsed, cpu
 
 
 def header_cost(signed: bool, n: int = 20000) -> float:
@@ -111,6 +119,7 @@ async def main_async(reports: int, rounds: int) -> dict[str, Any]:
     config.errorlog = logging.getLogger("benchmarks.signing")
     shutdown = trio.Event()
     results: dict[str, list[float]] = {"unsigned": [], "signed": []}
+    cpu_us: dict[str, list[float]] = {"unsigned": [], "signed": []}
     with tempfile.TemporaryDirectory() as tmp:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
@@ -123,17 +132,23 @@ async def main_async(reports: int, rounds: int) -> dict[str, Any]:
             for r in range(rounds):
                 order = ("unsigned", "signed") if r % 2 == 0 else ("signed", "unsigned")
                 for name in order:
-                    seconds = await one_round(url, tmp, reports, name == "signed", r * 2)
+                    seconds, cpu = await one_round(url, tmp, reports, name == "signed", r * 2)
                     results[name].append(reports / seconds)
+                    cpu_us[name].append(cpu / reports * 1e6)
             shutdown.set()
     unsigned = statistics.median(results["unsigned"])
     signed = statistics.median(results["signed"])
+    cpu_unsigned = statistics.median(cpu_us["unsigned"])
+    cpu_signed = statistics.median(cpu_us["signed"])
     return {
         "reports": reports,
         "rounds": rounds,
         "unsigned_reports_per_s": round(unsigned, 1),
         "signed_reports_per_s": round(signed, 1),
         "ratio_signed_over_unsigned": round(signed / unsigned, 3),
+        "cpu_us_per_report_unsigned": round(cpu_unsigned, 1),
+        "cpu_us_per_report_signed": round(cpu_signed, 1),
+        "cpu_ratio_signed_over_unsigned": round(cpu_signed / cpu_unsigned, 3),
         "header_us_unsigned": round(header_cost(False), 2),
         "header_us_signed_two_secrets": round(header_cost(True), 2),
         "python": platform.python_version(),
@@ -149,8 +164,12 @@ def main() -> None:
     result = trio.run(main_async, args.reports, args.rounds)
     for key, value in result.items():
         print(f"{key}: {value}")
-    ok = result["ratio_signed_over_unsigned"] >= TARGET
-    print(f"target signed >= {TARGET:.0%} of unsigned: {'met' if ok else 'MISSED'}")
+    ok = result["cpu_ratio_signed_over_unsigned"] <= TARGET
+    print(
+        f"target: signed CPU per report within {TARGET - 1:.0%} of unsigned: "
+        f"{'met' if ok else 'MISSED'} (wall-clock throughput ratio "
+        f"{result['ratio_signed_over_unsigned']}: noisy on a shared machine)"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     sys.exit(0)
