@@ -19,16 +19,13 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..core.events import MAX_PAGE, render_page
-from ..core.idempotency import MAX_KEY_LEN, valid_key
 from ..core.ids import CURSOR_MAX
 from ..core.limiter import retry_after_header
 from ..core.line_protocol import reply_line
 from ..core.model import (
     Accepted,
     Problem,
-    contract_fields_problem,
     empty_batch,
-    invalid_query,
     malformed,
     too_large,
     validate_ack,
@@ -43,6 +40,7 @@ from .params import (
     redrive_request,
     store_unavailable,
     topic_param,
+    with_contract_headers,
 )
 from .statuspage import STATUS_PAGE, static_assets
 
@@ -55,12 +53,6 @@ PROBLEM_JSON: Final = "application/problem+json"
 JSON: Final = "application/json"
 NDJSON: Final = "application/x-ndjson"
 MAX_JSON_DEPTH: Final = 64
-#: Request headers of POST /v1/reports that set a report field (docs/upstream.md).
-REPORT_HEADERS: Final = (
-    ("Idempotency-Key", "idempotency_key"),
-    ("traceparent", "traceparent"),
-    ("tracestate", "tracestate"),
-)
 
 
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> Response:
@@ -211,26 +203,6 @@ def create_app(relay: Relay) -> QuartTrio:
         count_refused(reason)
         return problem_response(problem)
 
-    def with_contract_headers(obj: dict[Any, Any]) -> dict[Any, Any] | Problem:
-        """The report with the delivery contract's headers as its fields (the same fields
-        a batch or stream line carries): a header wins over a body member of the same name,
-        both must be valid (422), an empty ``traceparent``/``tracestate`` header is absent."""
-        given = [(f, request.headers.get(h)) for h, f in REPORT_HEADERS]
-        if all(value is None for _, value in given):
-            return obj
-        refused = contract_fields_problem(obj)
-        if refused is not None:
-            return refused
-        for field, value in given:
-            if value is None or (not value and field != "idempotency_key"):
-                continue
-            if field == "idempotency_key" and not valid_key(value):
-                return invalid_query(
-                    "Idempotency-Key", f"must be 1-{MAX_KEY_LEN} visible ASCII characters"
-                )
-            obj[field] = value
-        return obj
-
     @app.post("/v1/reports")
     async def post_report() -> Response:
         body = await authorized_body("ingest", config.max_body_bytes)
@@ -240,7 +212,7 @@ def create_app(relay: Relay) -> QuartTrio:
         if isinstance(obj, Problem):
             return refused(obj, "malformed")
         if isinstance(obj, dict):
-            contract = with_contract_headers(obj)
+            contract = with_contract_headers(obj, request.headers.get)
             if isinstance(contract, Problem):
                 count_refused("invalid")
                 return problem_response(contract)
