@@ -34,7 +34,7 @@ def _config_options(func: Any) -> Any:
         kind = field_kind(f)
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
-        if kind == "list":
+        if kind in ("list", "secretlist"):
             func = click.option(flag, f.name, multiple=True, default=None, help=help_text)(func)
         elif kind == "bool":
             func = click.option(flag + "/--no-" + flag[2:], f.name, default=None, help=help_text)(
@@ -85,9 +85,13 @@ def run(config_file: str | None, **flags: Any) -> None:
     config = build_config(config_file, flags)
     from .logs import configure_logging
 
-    secrets = (config.ingest_token, config.ack_token, config.admin_token, config.read_token)
+    secrets = [config.ingest_token, config.ack_token, config.admin_token, config.read_token]
+    secrets += [part for entry in config.upstream_signing_secrets for part in entry.split()]
     configure_logging(
-        config.log_level, config.log_format, sys.stderr, [s for s in secrets if s is not None]
+        config.log_level,
+        config.log_format,
+        sys.stderr,
+        [s for s in secrets if s is not None and s != "-"],
     )
     from .server import run_forever
     from .stores.base import StoreError

@@ -38,6 +38,7 @@ from .core.resources import ResourceState, ResourceTable
 from .core.routing import UpstreamRouter
 from .core.umh import Attempt, UnconfirmedMessages
 from .core.views import dead_letter_view, pending_view, rfc3339, wall_converter
+from .core.webhooks import TraceContext
 from .metrics import SIDE_QUEUE_FIGURES, Figure, RelayMetrics
 from .services.admission import Admission, forget
 from .services.deadletters import DeadLetterBook, page_view
@@ -51,6 +52,7 @@ from .services.sidequeue import SideQueue
 from .sinks.factory import build_sinks
 from .stores.base import DeadLetterQuery, Recovered, Store
 from .stores.memory import MemoryStore
+from .tracing import Tracing, open_tracing
 from .upstreams.base import Upstream
 from .upstreams.factory import upstream_builder
 from .upstreams.file import FileUpstream
@@ -88,6 +90,10 @@ class Relay:
     wall_clock: Callable[[], float] = time.time
     rng: random.Random = attrs.field(factory=random.Random)
     metrics: RelayMetrics = attrs.field(factory=RelayMetrics)
+    #: Trace ids and, with ``otel_endpoint`` (or a test's processor), exported spans.
+    tracing: Tracing = attrs.field(
+        default=attrs.Factory(lambda self: open_tracing(self.config.otel_endpoint), True)
+    )
     #: Builds the client for each upstream URL (tests inject in-memory upstreams).
     upstream_factory: Callable[[str, float], Upstream] = attrs.field(
         default=attrs.Factory(
@@ -95,6 +101,8 @@ class Relay:
                 concurrency=self.config.upstream_concurrency,
                 max_response_bytes=self.config.upstream_max_response_bytes,
                 wall_clock=self.wall_clock,
+                signing=self.config.signing_keys(),
+                tracing=self.tracing,
             ),
             takes_self=True,
         )
@@ -158,6 +166,7 @@ class Relay:
             self.metrics,
             self.side,
             self.wall_clock,
+            self.tracing,
         )
         self._register_gauges()
 
@@ -432,6 +441,7 @@ class Relay:
                 continue  # an older row a crash left behind; the newer one wins
             state.seq = max(state.seq, m.seq)
             state.payload, state.kind, state.payload_seq = orjson.loads(m.payload), m.kind, m.seq
+            state.trace = message_trace(m.meta)
             due = now if m.due_at is None else m.due_at - offset
             if due <= now:
                 due = now + overdue * spacing
@@ -440,6 +450,7 @@ class Relay:
             self.delivery.restore(m.message_id, state, m.admitted_at - offset, history, due)
             self.recovered_messages += 1
         self.events.resume(recovered.meta.get(META_EVENT_ID, 0))
+        self.admission.restore_idempotency(recovered.idempotency, offset)
         if self.recovered_messages:
             log.info(
                 "recovered %d pending message(s) from the %s store",
@@ -548,6 +559,19 @@ class Relay:
             with trio.CancelScope(shield=True), trio.move_on_after(self.config.close_budget / 2):
                 for upstream in self.upstreams:
                     await upstream.aclose()
+                if self.tracing.exporting:
+                    await trio.to_thread.run_sync(self.tracing.shutdown, abandon_on_cancel=True)
+
+
+def message_trace(meta: bytes) -> TraceContext | None:
+    """The trace context stored with a message row (``None`` for rows without one)."""
+    if not meta:
+        return None
+    try:
+        stored = orjson.loads(meta)
+    except orjson.JSONDecodeError:
+        return None
+    return TraceContext.from_meta(stored.get("trace") if isinstance(stored, dict) else None)
 
 
 __all__ = ["Relay", "open_store"]

@@ -19,6 +19,7 @@ LAYERS = {
     "upstreams": 1,
     "sinks": 1,
     "metrics": 1,
+    "tracing": 1,
     "logs": 1,
     "systemd": 1,
     "services": 2,

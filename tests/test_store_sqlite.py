@@ -285,7 +285,7 @@ async def test_newer_schema_version_is_refused_untouched(tmp_path: Path) -> None
     conn.close()
     await expect_refused(
         path,
-        rf"{path} schema version 7 is newer than this relay supports \(1\): "
+        rf"{path} schema version 7 is newer than this relay supports \({SCHEMA_VERSION}\): "
         "upgrade relay-trio or point data_dir elsewhere",
     )
 

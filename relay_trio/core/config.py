@@ -21,6 +21,7 @@ from typing import Any, Final
 import attrs
 
 from .redact import redact_url, redact_value
+from .webhooks import parse_secrets
 
 ENV_PREFIX: Final = "RELAY_TRIO_"
 FLUSH_MODES: Final = ("sequential", "parallel", "none")
@@ -176,6 +177,24 @@ class RelayConfig:
     read_token: str | None = _opt(
         None, "Bearer token for read APIs (@FILE reads a file).", "secret"
     )
+    upstream_signing_secrets: tuple[str, ...] = _opt(
+        (),
+        "Signing secrets of the upstreams, same order as upstreams: whsec_BASE64 (Standard "
+        "Webhooks), several separated by spaces during a rotation, - for none, @FILE reads a file.",
+        "secretlist",
+    )
+    idempotency_window: float = _opt(
+        86400.0, "How long an ingest idempotency key is remembered (seconds)."
+    )
+    idempotency_max_keys: int = _opt(
+        100_000,
+        "Idempotency keys remembered at most (oldest expire first, counted in a metric).",
+    )
+    otel_endpoint: str | None = _opt(
+        None,
+        "OTLP/HTTP traces endpoint (e.g. http://127.0.0.1:4318/v1/traces); needs the otel extra.",
+        "optstr",
+    )
     side_audit_file: str | None = _opt(
         None, "Mirror admitted reports to this JSONL file.", "optstr"
     )
@@ -211,6 +230,17 @@ class RelayConfig:
         if self.upstreams:
             return self.upstreams
         return ("file://" + str(Path(self.data_dir).absolute() / "upstream.jsonl"),)
+
+    def signing_keys(self) -> dict[str, tuple[bytes, ...]]:
+        """Each signed upstream's URL → its HMAC keys (``upstream_signing_secrets`` decoded;
+        validated at load, so this does not raise for a loaded config)."""
+        return {
+            url: keys
+            for url, entry in zip(
+                self.effective_upstreams, self.upstream_signing_secrets, strict=False
+            )
+            if (keys := parse_secrets(entry))
+        }
 
     @property
     def effective_eviction_interval(self) -> float:
@@ -285,6 +315,8 @@ class RelayConfig:
             value = getattr(self, f.name)
             if f.metadata["kind"] == "secret":
                 value = "set" if value else "unset"
+            elif f.metadata["kind"] == "secretlist":
+                value = ["unset" if v.strip() == "-" else "set" for v in value]
             else:
                 value = redact_value(value)
             out[f.name] = value
@@ -331,7 +363,7 @@ def coerce(f: attrs.Attribute[Any], value: object) -> Any:
     """Turn a flag/env/TOML value into the field's type. Raises :class:`ConfigError`."""
     kind = field_kind(f)
     try:
-        if kind == "list":
+        if kind in ("list", "secretlist"):
             if isinstance(value, str):
                 return tuple(part.strip() for part in value.split(",") if part.strip())
             if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
@@ -401,6 +433,8 @@ def load_config(
     for name, f in by_name.items():
         if field_kind(f) == "secret" and name in values:
             values[name] = _read_secret(name, values[name])
+        elif field_kind(f) == "secretlist" and name in values:
+            values[name] = tuple(str(_read_secret(name, v)) for v in values[name])
     config = derive_defaults(RelayConfig(**values, explicit=frozenset(values)))
     validate(config)
     return config
@@ -538,6 +572,18 @@ def validate(config: RelayConfig) -> None:
             "upstreams",
             f"{redact_url(url)!r} must start with http://, https:// or file://",
         )
+    _require(c.idempotency_window > 0, "idempotency_window", "must be > 0")
+    _require(c.idempotency_max_keys >= 1, "idempotency_max_keys", "must be >= 1")
+    _require(
+        len(c.upstream_signing_secrets) <= len(c.effective_upstreams),
+        "upstream_signing_secrets",
+        f"has {len(c.upstream_signing_secrets)} entries for {len(c.effective_upstreams)} upstream(s)",
+    )
+    for i, entry in enumerate(c.upstream_signing_secrets, 1):
+        try:
+            parse_secrets(entry)
+        except ValueError as exc:
+            raise ConfigError("upstream_signing_secrets", f"entry {i}: {exc}") from None
     # Upstreams are known (routed, labelled, shown) by their URL without credentials.
     shown = [redact_url(url) for url in c.effective_upstreams]
     _require(

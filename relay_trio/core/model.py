@@ -9,7 +9,9 @@ from typing import Any, Final, Protocol
 
 import attrs
 
+from .idempotency import MAX_KEY_LEN, valid_key
 from .ids import MessageId, is_valid_resource_id
+from .webhooks import TraceContext, parse_traceparent
 
 PROBLEM_BASE: Final = "https://relay-trio.dev/problems/"
 MAX_KIND_LEN: Final = 64
@@ -19,7 +21,9 @@ MAX_RETRY_AFTER: Final = 86400
 #: Dead-letter filters (``resource_id``, ``reason``, ``upstream``) and timestamps.
 MAX_FILTER_LEN: Final = 2048
 MAX_TIMESTAMP_LEN: Final = 40
-_REPORT_FIELDS: Final = frozenset({"resource_id", "payload", "kind"})
+_REPORT_FIELDS: Final = frozenset(
+    {"resource_id", "payload", "kind", "idempotency_key", "traceparent", "tracestate"}
+)
 
 
 @attrs.frozen
@@ -62,15 +66,23 @@ class Report:
     resource_id: str
     payload: Any
     kind: str | None = None
+    #: The client's idempotency key (``Idempotency-Key`` header or line field).
+    idempotency_key: str | None = None
+    #: The W3C trace context it came with (``None``: none, or an invalid one, ignored).
+    trace: TraceContext | None = None
 
 
 @attrs.frozen
 class Accepted:
-    """An admitted report: its message id and where it was queued."""
+    """An admitted report: its message id and where it was queued.
+
+    ``replayed`` marks the answer to a repeated idempotency key: the original message id,
+    nothing admitted again."""
 
     message_id: str
     resource_id: str
     seq: int
+    replayed: bool = False
 
 
 def validate_report(obj: object) -> Report | Problem:
@@ -81,7 +93,7 @@ def validate_report(obj: object) -> Report | Problem:
     """
     if not isinstance(obj, dict):
         return invalid("body must be a JSON object")
-    if len(obj) > 3 or not _REPORT_FIELDS.issuperset(obj):
+    if len(obj) > len(_REPORT_FIELDS) or not _REPORT_FIELDS.issuperset(obj):
         unknown = set(obj) - _REPORT_FIELDS
         return invalid(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
     rid = obj.get("resource_id")
@@ -95,7 +107,32 @@ def validate_report(obj: object) -> Report | Problem:
     if kind is not None and (not isinstance(kind, str) or not 0 < len(kind) <= MAX_KIND_LEN):
         return invalid(f"kind must be a string of 1-{MAX_KIND_LEN} characters", field="kind")
     assert isinstance(rid, str)
-    return Report(resource_id=rid, payload=obj["payload"], kind=kind)
+    refused = contract_fields_problem(obj)
+    if refused is not None:
+        return refused
+    key = obj.get("idempotency_key")
+    parent, state = obj.get("traceparent"), obj.get("tracestate")
+    # W3C trace context: a malformed traceparent is ignored (a new trace is started).
+    trace = None if parent is None else parse_traceparent(parent, state)
+    return Report(
+        resource_id=rid, payload=obj["payload"], kind=kind, idempotency_key=key, trace=trace
+    )
+
+
+def contract_fields_problem(obj: dict[Any, Any]) -> Problem | None:
+    """422 when a report's ``idempotency_key`` is not 1-255 visible ASCII characters or its
+    ``traceparent``/``tracestate`` is not a string (``null`` is absent); else ``None``."""
+    key = obj.get("idempotency_key")
+    if key is not None and not valid_key(key):
+        return invalid(
+            f"idempotency_key must be 1-{MAX_KEY_LEN} visible ASCII characters (no spaces)",
+            field="idempotency_key",
+        )
+    for name in ("traceparent", "tracestate"):
+        value = obj.get(name)
+        if value is not None and not isinstance(value, str):
+            return invalid(f"{name} must be a string", field=name)
+    return None
 
 
 @attrs.frozen
@@ -141,6 +178,17 @@ def validate_ack(obj: object) -> Ack | Problem:
             field="retry_after",
         )
     return Ack(message_id, status, reason, None if retry_after is None else float(retry_after))
+
+
+def idempotency_mismatch(key: str) -> Problem:
+    """422: the key was already used for a different report (resource, kind or payload)."""
+    return Problem(
+        422,
+        "idempotency-mismatch",
+        "Idempotency key reused",
+        f"key {key!r} was used for a different report",
+        {"reason": "idempotency_mismatch"},
+    )
 
 
 def invalid(detail: str, *, field: str | None = None) -> Problem:
@@ -198,5 +246,7 @@ class Admitter(Protocol):
 def reply_for(result: Accepted | Problem) -> dict[str, Any]:
     """The JSON reply object for one admission result (same shape as the HTTP body)."""
     if isinstance(result, Accepted):
+        if result.replayed:
+            return {"message_id": result.message_id, "replayed": True}
         return {"message_id": result.message_id}
     return result.to_dict()

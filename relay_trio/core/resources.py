@@ -40,6 +40,9 @@ class ResourceState:
     admitted: int = 0
     rejected: int = 0
     last_dead_letter: Any = None
+    #: Trace context (core.webhooks.TraceContext) of the pending message: sent on every
+    #: attempt. Set at admission only (a rejected report does not change it).
+    trace: Any = None
 
     def is_stale(self, now: float, threshold: float) -> bool:
         """True when sends have gone unacknowledged for at least ``threshold`` seconds."""

@@ -40,6 +40,7 @@ from .params import (
     redrive_request,
     store_unavailable,
     topic_param,
+    with_contract_headers,
 )
 from .statuspage import STATUS_PAGE, static_assets
 
@@ -210,6 +211,12 @@ def create_app(relay: Relay) -> QuartTrio:
         obj = decode_json(body)
         if isinstance(obj, Problem):
             return refused(obj, "malformed")
+        if isinstance(obj, dict):
+            contract = with_contract_headers(obj, request.headers.get)
+            if isinstance(contract, Problem):
+                count_refused("invalid")
+                return problem_response(contract)
+            obj = contract
         result = relay.admit(obj)
         if isinstance(result, Accepted):
             # A 2xx promises durability: answer only once the store has the report.
@@ -217,9 +224,12 @@ def create_app(relay: Relay) -> QuartTrio:
                 await relay.durable()
             except StoreError as exc:
                 return problem_response(store_unavailable(exc))
-            return Response(
+            response = Response(
                 orjson.dumps({"message_id": result.message_id}), status=202, content_type=JSON
             )
+            if result.replayed:
+                response.headers["Idempotent-Replayed"] = "true"
+            return response
         return problem_response(result)
 
     @app.post("/v1/reports:batch")

@@ -15,6 +15,7 @@ from quart import Quart
 
 from .. import __version__
 from ..core.events import MAX_PAGE, TOPICS
+from ..core.idempotency import IDEMPOTENCY_KEY_PATTERN
 from ..core.ids import CURSOR_MAX, MESSAGE_ID_MAX_LEN, MESSAGE_ID_PATTERN, RESOURCE_ID_CHARS
 from ..core.model import (
     MAX_FILTER_LEN,
@@ -48,12 +49,26 @@ _OBJECT: Final = {"type": "object"}
 _DOCS: Final[dict[tuple[str, str], dict[str, Any]]] = {
     ("POST", "/v1/reports"): {
         "summary": "Submit one report",
+        "description": "A repeat of an ``Idempotency-Key`` within ``idempotency_window`` is "
+        "answered 202 with the original message id and ``Idempotent-Replayed: true`` (not "
+        "admitted again); the same key with another report is refused 422 "
+        "(``idempotency-mismatch``). ``traceparent``/``tracestate`` (W3C) are sent upstream "
+        "with every delivery attempt; an invalid ``traceparent`` is ignored.",
+        "parameters": ["Idempotency-Key", "traceparent", "tracestate"],
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": _ref("Report")}},
         },
         "responses": {
-            "202": _json("admitted", _ref("Admitted")),
+            "202": {
+                **_json("admitted (or replayed)", _ref("Admitted")),
+                "headers": {
+                    "Idempotent-Replayed": {
+                        "description": "true when this answers a repeated idempotency key",
+                        "schema": {"type": "string", "enum": ["true"]},
+                    }
+                },
+            },
             "400": _PROBLEM,
             "401": _PROBLEM,
             "403": _PROBLEM,
@@ -209,6 +224,11 @@ _TIMESTAMP: Final = {
     "maxLength": MAX_TIMESTAMP_LEN,
     "description": "RFC 3339 with a time zone",
 }
+_IDEMPOTENCY_KEY: Final = {
+    "type": "string",
+    "pattern": IDEMPOTENCY_KEY_PATTERN,
+    "description": "1-255 visible ASCII characters (no spaces)",
+}
 _PARAMS: Final[dict[str, dict[str, Any]]] = {
     "after": {"name": "after", "in": "query", "schema": _CURSOR},
     "cursor": {"name": "cursor", "in": "query", "schema": _CURSOR},
@@ -230,6 +250,9 @@ _PARAMS: Final[dict[str, dict[str, Any]]] = {
     },
     "last_event_id": {"name": "last_event_id", "in": "query", "schema": _CURSOR},
     "Last-Event-ID": {"name": "Last-Event-ID", "in": "header", "schema": _CURSOR},
+    "Idempotency-Key": {"name": "Idempotency-Key", "in": "header", "schema": _IDEMPOTENCY_KEY},
+    "traceparent": {"name": "traceparent", "in": "header", "schema": {"type": "string"}},
+    "tracestate": {"name": "tracestate", "in": "header", "schema": {"type": "string"}},
 }
 
 _REPORT: Final = {
@@ -241,6 +264,10 @@ _REPORT: Final = {
         "payload": {},
         # null is accepted and means "no kind" (clients that serialise None as null).
         "kind": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_KIND_LEN},
+        "idempotency_key": {**_IDEMPOTENCY_KEY, "type": ["string", "null"]},
+        # W3C trace context; an invalid traceparent is ignored (a new trace is started).
+        "traceparent": {"type": ["string", "null"]},
+        "tracestate": {"type": ["string", "null"]},
     },
 }
 
@@ -249,7 +276,10 @@ _SCHEMAS: Final = {
     "Admitted": {
         "type": "object",
         "required": ["message_id"],
-        "properties": {"message_id": _ref("MessageId")},
+        "properties": {
+            "message_id": _ref("MessageId"),
+            "replayed": {"type": "boolean", "description": "on a batch or stream line"},
+        },
     },
     "MessageId": {
         "type": "string",

@@ -6,17 +6,20 @@ answering a 422 problem that names it. Pure functions of their input (and of qua
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final
 
 from quart import request
 
 from ..core.events import MAX_PAGE, TOPICS
+from ..core.idempotency import MAX_KEY_LEN, valid_key
 from ..core.ids import CURSOR_MAX, MessageId
 from ..core.model import (
     MAX_FILTER_LEN,
     MAX_TIMESTAMP_LEN,
     Problem,
+    contract_fields_problem,
     invalid,
     invalid_query,
     parse_bounded_int,
@@ -148,3 +151,36 @@ def topic_param() -> str | Problem | None:
     if topic is not None and topic not in TOPICS:
         return invalid_query("topic", f"topic must be one of {', '.join(sorted(TOPICS))}")
     return topic
+
+
+#: Request headers of POST /v1/reports that set a report field (docs/upstream.md).
+REPORT_HEADERS: Final = (
+    ("Idempotency-Key", "idempotency_key"),
+    ("traceparent", "traceparent"),
+    ("tracestate", "tracestate"),
+)
+
+
+def with_contract_headers(
+    obj: dict[Any, Any], header: Callable[[str], str | None]
+) -> dict[Any, Any] | Problem:
+    """The report with the delivery contract's headers as its fields (the same fields a
+    batch or stream line carries): a header wins over a body member of the same name, both
+    must be valid (422), an empty ``traceparent``/``tracestate`` header counts as absent.
+    ``header(name)`` reads one request header (``None`` when absent). Updates ``obj`` in
+    place; never raises."""
+    given = [(field, header(name)) for name, field in REPORT_HEADERS]
+    if all(value is None for _, value in given):
+        return obj
+    refused = contract_fields_problem(obj)
+    if refused is not None:
+        return refused
+    for field, value in given:
+        if value is None or (not value and field != "idempotency_key"):
+            continue
+        if field == "idempotency_key" and not valid_key(value):
+            return invalid_query(
+                "Idempotency-Key", f"must be 1-{MAX_KEY_LEN} visible ASCII characters"
+            )
+        obj[field] = value
+    return obj

@@ -19,19 +19,21 @@ import trio
 
 from ..core import event_schemas as ev
 from ..core.config import RelayConfig
+from ..core.idempotency import IdempotencyKeys, fingerprint
 from ..core.limiter import LeakyBucket
-from ..core.model import Accepted, Problem, validate_report
+from ..core.model import Accepted, Problem, idempotency_mismatch, validate_report
 from ..core.resources import ResourceState, ResourceTable
-from ..metrics import RelayMetrics
+from ..core.webhooks import TraceContext
+from ..metrics import RelayMetrics, Tally
 from ..stores.base import (
     Changes,
-    DeleteMessage,
+    IdempotencyRecord,
     MessageRecord,
-    Op,
     ResourceRecord,
     Store,
     Ticket,
 )
+from ..tracing import NO_TRACING, Tracing
 from .delivery import Delivery
 from .publisher import EventPublisher
 from .sidequeue import SideQueue
@@ -53,15 +55,55 @@ class Admission:
     metrics: RelayMetrics
     side: SideQueue
     wall_clock: Callable[[], float]
+    tracing: Tracing = NO_TRACING
     bucket: LeakyBucket = attrs.field(init=False)
+    #: Ingest idempotency keys answered within the window (loaded from the store at start).
+    idempotency: IdempotencyKeys = attrs.field(init=False)
     #: Set when shutdown starts: every report is answered 503 from then on.
     draining: bool = attrs.field(init=False, default=False)
     _side_enabled: bool = attrs.field(init=False, default=False)
     _ticket: Ticket | None = attrs.field(init=False, default=None)
+    _replays: Tally = attrs.field(init=False)
+    _mismatches: Tally = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.bucket = LeakyBucket.per_minute(self.config.rate_per_minute, self.config.burst)
+        c = self.config
+        self.bucket = LeakyBucket.per_minute(c.rate_per_minute, c.burst)
         self._side_enabled = bool(self.side.stats())
+        self.idempotency = keys = IdempotencyKeys(c.idempotency_window, c.idempotency_max_keys)
+        m = self.metrics
+        self._replays = m.tally(
+            "relay_idempotent_replays_total",
+            "Reports answered from an idempotency key (not admitted again)",
+        ).labels()
+        self._mismatches = m.tally(
+            "relay_idempotency_mismatches_total",
+            "Reports refused 422: idempotency key reused for a different report",
+        ).labels()
+        m.labelled_function(
+            "relay_idempotency_keys_removed_total",
+            "Idempotency keys forgotten, by cause (expired: window passed; capacity: "
+            "idempotency_max_keys reached, oldest first)",
+            ("cause",),
+            lambda: {("expired",): keys.expired, ("capacity",): keys.evicted},
+            counter=True,
+        )
+        m.gauge("relay_idempotency_keys", "Idempotency keys remembered", lambda: len(keys))
+
+    def restore_idempotency(self, records: list[IdempotencyRecord], wall_offset: float) -> None:
+        """Load the keys the store holds (oldest first) at start. Keys past the window or
+        beyond the bound are not loaded and are deleted from the store. Never blocks."""
+        now = trio.current_time()
+        c = self.config
+        live = [r for r in records if now - (r.created_at - wall_offset) < c.idempotency_window]
+        kept = live[-c.idempotency_max_keys :]
+        for r in kept:
+            self.idempotency.restore(r.key, r.fingerprint, r.message_id, r.created_at - wall_offset)
+        if len(kept) < len(records):
+            keep = {r.key for r in kept}
+            changes = Changes()
+            changes.delete_idempotency_keys([r.key for r in records if r.key not in keep])
+            self.store.stage(changes)
 
     def admit(self, obj: object) -> Accepted | Problem:
         """Validate, rate-limit, queue and stage one report. Synchronous: never blocks.
@@ -81,6 +123,20 @@ class Admission:
             return report
         now = trio.current_time()
         rid = report.resource_id
+        key = report.idempotency_key
+        fp = b""
+        if key is not None:
+            # Before the bucket: a repeat is answered, never admitted or counted again.
+            fp = fingerprint(rid, report.kind, report.payload)
+            seen = self.idempotency.lookup(key, now)
+            if seen is not None:
+                if seen.fingerprint != fp:
+                    self._mismatches.inc()
+                    m.rejected["invalid"].inc()
+                    return idempotency_mismatch(key)
+                self._replays.inc()
+                seq = int(seen.message_id.rpartition(":")[2])
+                return Accepted(seen.message_id, rid, seq, replayed=True)
         state = self.resources.touch(rid, now)
         # Latest wins: a rejected report still replaces the cached payload that a retry
         # will resend. payload_seq 0 marks it as carried by no message yet.
@@ -105,8 +161,9 @@ class Admission:
         message_id = f"{rid}:{seq}"
         router = self.delivery.router
         upstream = router.pick(rid) or 0
+        trace = self.tracing.admitted(report.trace, message_id, rid)
         superseded = self.delivery.enqueue(
-            message_id, state, report.kind, report.payload, upstream=upstream, now=now
+            message_id, state, report.kind, report.payload, upstream=upstream, now=now, trace=trace
         )
         if superseded is False:
             m.rejected["overloaded"].inc()
@@ -117,9 +174,18 @@ class Admission:
         state.payload_seq = seq
         state.admitted += 1
         state.pending_message_id = message_id
+        state.trace = trace
         if state.awaiting_ack_since is None:
             state.awaiting_ack_since = now
+        changes = Changes()
+        if key is not None:
+            offset = self.wall_clock() - now
+            forgotten = self.idempotency.remember(key, fp, message_id, now)
+            if forgotten:
+                changes.delete_idempotency_keys(forgotten)
+            changes.put_idempotency_key(IdempotencyRecord(key, fp, message_id, now + offset))
         self._stage(
+            changes,
             state,
             message_id,
             kind=report.kind,
@@ -127,6 +193,7 @@ class Admission:
             superseded=superseded,
             upstream=router.urls[upstream],
             now=now,
+            trace=trace,
         )
         m.reports_admitted.inc()
         if isinstance(superseded, str):
@@ -165,6 +232,7 @@ class Admission:
 
     def _stage(
         self,
+        changes: Changes,
         state: ResourceState,
         message_id: str,
         *,
@@ -173,12 +241,15 @@ class Admission:
         superseded: str | bool | None,
         upstream: str,
         now: float,
+        trace: TraceContext,
     ) -> None:
         # The hot path of every admission: records built positionally, one change set.
         offset = self.wall_clock() - now
         rid = state.resource_id
         acked = state.last_acked_at
-        ops: list[Op] = [
+        if isinstance(superseded, str):
+            changes.delete_message(superseded)
+        changes.put_resource(
             ResourceRecord(
                 rid,
                 state.seq,
@@ -186,7 +257,9 @@ class Admission:
                 state.last + offset,
                 None if acked is None else acked + offset,
                 state.acked_seq,
-            ),
+            )
+        )
+        changes.put_message(
             MessageRecord(
                 message_id,
                 rid,
@@ -197,11 +270,10 @@ class Admission:
                 (),
                 None,
                 upstream,
-            ),
-        ]
-        if isinstance(superseded, str):
-            ops.insert(0, DeleteMessage(superseded))
-        self._ticket = self.store.stage(Changes(ops))
+                orjson.dumps({"trace": trace.to_meta()}),
+            )
+        )
+        self._ticket = self.store.stage(changes)
 
     def _reject(self, state: ResourceState, reason: str, retry_after: float) -> Problem:
         state.rejected += 1

@@ -33,8 +33,10 @@ from ..core.ids import MessageId
 from ..core.resources import ResourceState, ResourceTable
 from ..core.routing import HealthPolicy, UpstreamRouter
 from ..core.umh import AckOutcome, Attempt, DeadLetter, Due, RetryPolicy, UnconfirmedMessages
+from ..core.webhooks import TraceContext
 from ..metrics import RelayMetrics, Tally
 from ..stores.base import AttemptRecord, Changes, MessageRecord, ResourceRecord, Store
+from ..tracing import start_trace
 from ..upstreams.base import Outbound, SendResult, SendStatus, Upstream
 from .deadletters import DeadLetterBook
 from .publisher import EventPublisher
@@ -135,6 +137,7 @@ class Delivery:
         *,
         upstream: int,
         now: float,
+        trace: TraceContext | None = None,
     ) -> str | bool | None:
         """Hand a newly admitted message to the senders (first attempt, to upstream index
         ``upstream``) and track it.
@@ -144,7 +147,7 @@ class Delivery:
         """
         try:
             self._send_tx.send_nowait(
-                Outbound(message_id, state.resource_id, kind, payload, 1, upstream)
+                Outbound(message_id, state.resource_id, kind, payload, 1, upstream, trace)
             )
         except trio.WouldBlock:
             return False
@@ -167,6 +170,9 @@ class Delivery:
             return False
         self.umh.restore(message_id, state.resource_id, admitted_at, (), now)
         state.payload, state.kind = payload, kind
+        # A dead letter keeps no trace context: the redrive starts a new trace (its
+        # webhook-id is still the message id).
+        state.trace = start_trace()
         state.payload_seq = MessageId.of(message_id).seq
         state.pending_message_id = message_id
         if state.awaiting_ack_since is None:
@@ -347,6 +353,7 @@ class Delivery:
                         state.payload,
                         item.attempt,
                         upstream,
+                        state.trace,
                     )
                 )
             except trio.WouldBlock:
@@ -403,7 +410,15 @@ class Delivery:
             upstream = self.router.pick(rid)
             assert upstream is not None
             groups.setdefault(upstream, []).append(
-                Outbound(message_id, rid, state.kind, state.payload, view.attempts + 1, upstream)
+                Outbound(
+                    message_id,
+                    rid,
+                    state.kind,
+                    state.payload,
+                    view.attempts + 1,
+                    upstream,
+                    state.trace,
+                )
             )
 
         async def flush(index: int, batch: list[Outbound]) -> None:

@@ -30,6 +30,8 @@ __all__ = [
     "DeadLetterPage",
     "DeadLetterQuery",
     "DeadLetterRecord",
+    "DeleteIdempotencyKeys",
+    "IdempotencyRecord",
     "MessageRecord",
     "Recovered",
     "ResourceRecord",
@@ -149,6 +151,23 @@ class DeleteDeadLetters(NamedTuple):
     message_ids: tuple[str, ...]
 
 
+class IdempotencyRecord(NamedTuple):
+    """An ingest idempotency key and the answer it got: insert or replace by ``key``.
+
+    ``created_at`` is wall clock; the relay drops keys older than its window at load."""
+
+    key: str
+    fingerprint: bytes
+    message_id: str
+    created_at: float
+
+
+class DeleteIdempotencyKeys(NamedTuple):
+    """Operation: delete these idempotency keys (absent ones are ignored)."""
+
+    keys: tuple[str, ...]
+
+
 class SetMeta(NamedTuple):
     """Operation: set an integer meta value."""
 
@@ -165,6 +184,8 @@ Op = (
     | UpdateMessage
     | DeleteDeadLetters
     | SetMeta
+    | IdempotencyRecord
+    | DeleteIdempotencyKeys
 )
 
 
@@ -210,6 +231,15 @@ class Changes:
         """Delete every dead letter whose message id is in ``message_ids``."""
         self.ops.append(DeleteDeadLetters(tuple(message_ids)))
 
+    def put_idempotency_key(self, r: IdempotencyRecord) -> None:
+        """Insert or replace the idempotency key ``r.key`` (staged with the report it
+        answered, so the key is durable exactly when the report is)."""
+        self.ops.append(r)
+
+    def delete_idempotency_keys(self, keys: Sequence[str]) -> None:
+        """Delete these idempotency keys (expired or pushed out by the bound)."""
+        self.ops.append(DeleteIdempotencyKeys(tuple(keys)))
+
     def set_meta(self, key: str, value: int) -> None:
         """Set the integer meta value ``key`` (e.g. ``"event_id_reserved"``)."""
         if key in RESERVED_META_KEYS:
@@ -248,6 +278,8 @@ class Recovered:
     meta: dict[str, int]
     dead_letters: int
     dead_letter_index: int
+    #: Ingest idempotency keys, oldest first (by ``created_at``).
+    idempotency: list[IdempotencyRecord] = attrs.field(factory=list)
 
 
 def _check_limit(_instance: object, _attribute: object, value: int) -> None:

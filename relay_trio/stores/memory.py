@@ -19,8 +19,10 @@ from .base import (
     DeadLetterQuery,
     DeadLetterRecord,
     DeleteDeadLetters,
+    DeleteIdempotencyKeys,
     DeleteMessage,
     DeleteResource,
+    IdempotencyRecord,
     MessageRecord,
     Recovered,
     ResourceRecord,
@@ -34,6 +36,10 @@ from .base import (
 
 def _index_of(d: DeadLetterRecord) -> int:
     return d.index
+
+
+def _created_at(r: IdempotencyRecord) -> float:
+    return r.created_at
 
 
 @attrs.define(eq=False)
@@ -50,6 +56,7 @@ class MemoryStore:
     resources: dict[str, ResourceRecord] = attrs.field(init=False, factory=dict)
     messages: dict[str, MessageRecord] = attrs.field(init=False, factory=dict)
     meta: dict[str, int] = attrs.field(init=False, factory=dict)
+    idempotency: dict[str, IdempotencyRecord] = attrs.field(init=False, factory=dict)
     # In index order (indexes only grow), so a cursor is a bisect.
     dead_letters: list[DeadLetterRecord] = attrs.field(init=False, factory=list)
     dead_letter_index: int = attrs.field(init=False, default=0)
@@ -85,6 +92,7 @@ class MemoryStore:
             meta=meta,
             dead_letters=len(self.dead_letters),
             dead_letter_index=self.dead_letter_index,
+            idempotency=sorted(self.idempotency.values(), key=_created_at),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -129,6 +137,11 @@ class MemoryStore:
                 if excess > 0:
                     del self.dead_letters[:excess]
                     self.dead_letters_pruned += excess
+            elif isinstance(op, IdempotencyRecord):
+                self.idempotency[op.key] = op
+            elif isinstance(op, DeleteIdempotencyKeys):
+                for key in op.keys:
+                    self.idempotency.pop(key, None)
             elif isinstance(op, DeleteDeadLetters):
                 ids = set(op.message_ids)
                 self.dead_letters = [d for d in self.dead_letters if d.message_id not in ids]

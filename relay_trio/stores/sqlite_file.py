@@ -29,8 +29,10 @@ from .base import (
     DeadLetterQuery,
     DeadLetterRecord,
     DeleteDeadLetters,
+    DeleteIdempotencyKeys,
     DeleteMessage,
     DeleteResource,
+    IdempotencyRecord,
     MessageRecord,
     Recovered,
     ResourceRecord,
@@ -98,7 +100,28 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
-MIGRATIONS: Final[list[Callable[[sqlite3.Connection], None]]] = [_migrate_0_to_1]
+_SCHEMA_V2 = """
+CREATE TABLE idempotency (
+    key TEXT PRIMARY KEY,
+    fingerprint BLOB NOT NULL,
+    message_id TEXT NOT NULL,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX idempotency_created_at ON idempotency (created_at);
+"""
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Version 2: ingest idempotency keys (issue 16)."""
+    for statement in _SCHEMA_V2.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+MIGRATIONS: Final[list[Callable[[sqlite3.Connection], None]]] = [
+    _migrate_0_to_1,
+    _migrate_1_to_2,
+]
 """``MIGRATIONS[v]`` turns schema version ``v`` into ``v + 1`` (inside the open transaction).
 Version 0 is an empty file; the current version is ``len(MIGRATIONS)``."""
 
@@ -115,6 +138,8 @@ _PRUNE_DEAD_LETTERS = (
     "DELETE FROM dead_letters WHERE idx IN (SELECT idx FROM dead_letters ORDER BY idx LIMIT ?)"
 )
 _PUT_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
+_PUT_IDEMPOTENCY = "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)"
+_DELETE_IDEMPOTENCY = "DELETE FROM idempotency WHERE key = ?"
 
 ResourceRow = tuple[str, int, float, float, float | None, int]
 MessageRow = tuple[str, str, int, str | None, bytes, float, bytes, float | None, str, bytes]
@@ -301,6 +326,12 @@ class SqliteFile:
             _message(row) for row in conn.execute("SELECT * FROM messages ORDER BY message_id")
         ]
         meta = {k: v for k, v in conn.execute("SELECT key, value FROM meta")}
+        idempotency = [
+            IdempotencyRecord(key, bytes(fp), mid, created_at)
+            for key, fp, mid, created_at in conn.execute(
+                "SELECT * FROM idempotency ORDER BY created_at, key"
+            )
+        ]
         count, last = conn.execute(
             "SELECT count(*), coalesce(max(idx), 0) FROM dead_letters"
         ).fetchone()
@@ -315,6 +346,7 @@ class SqliteFile:
             meta=dict(meta),
             dead_letters=count,
             dead_letter_index=self._dead_letter_index,
+            idempotency=idempotency,
         )
 
     def _connection(self) -> sqlite3.Connection:
@@ -334,6 +366,7 @@ class SqliteFile:
         conn = self._connection()
         resources: dict[str, ResourceRecord | None] = {}
         messages: dict[str, MessageRecord | None] = {}
+        keys: dict[str, IdempotencyRecord | None] = {}
         # Updates of rows this batch did not write itself (applied after the upserts).
         updates: dict[str, tuple[bytes, float | None, str]] = {}
         meta = dict(self._meta)
@@ -370,6 +403,10 @@ class SqliteFile:
                     if not runs or not runs[-1][0]:
                         runs.append((True, []))
                     runs[-1][1].append(_dead_letter_row(index, op))  # type: ignore[arg-type]
+                elif isinstance(op, IdempotencyRecord):
+                    keys[op.key] = op
+                elif isinstance(op, DeleteIdempotencyKeys):
+                    keys.update(dict.fromkeys(op.keys))
                 elif isinstance(op, DeleteDeadLetters):
                     if not runs or runs[-1][0]:
                         runs.append((False, []))
@@ -387,6 +424,8 @@ class SqliteFile:
                     self._write(conn, _DELETE_MESSAGE, _PUT_MESSAGE, messages, _message_row)
                 if updates:
                     conn.executemany(_UPDATE_MESSAGE, updates.values())
+                if keys:
+                    self._write(conn, _DELETE_IDEMPOTENCY, _PUT_IDEMPOTENCY, keys, tuple)
                 for insert, rows in runs:
                     if insert:
                         conn.executemany(_INSERT_DEAD_LETTER, rows)

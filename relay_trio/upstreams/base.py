@@ -13,6 +13,8 @@ from typing import Any, Final, NamedTuple, Protocol
 
 import attrs
 
+from ..core.webhooks import TraceContext
+
 
 class Outbound(NamedTuple):
     """One send: the message, the payload to deliver and which attempt this is.
@@ -25,6 +27,8 @@ class Outbound(NamedTuple):
     payload: Any
     attempt: int
     upstream: int
+    #: The message's trace (``traceparent`` of every attempt); ``None`` starts a new one.
+    trace: TraceContext | None = None
 
     def body(self) -> dict[str, Any]:
         """The JSON object the upstream receives."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import httpx
 import trio
 
+from ..tracing import NO_TRACING, Tracing
 from .base import Upstream
 from .file import FileUpstream
 from .http import HttpUpstream
@@ -20,12 +21,15 @@ def open_upstream(
     concurrency: int = 64,
     max_response_bytes: int = 65536,
     wall_clock: Callable[[], float] = time.time,
+    signing_keys: tuple[bytes, ...] = (),
+    tracing: Tracing = NO_TRACING,
 ) -> Upstream:
     """An upstream client for ``url`` (``http(s)://`` or ``file://``). Never blocks.
 
     ``concurrency`` bounds the requests in flight to an HTTP upstream (its connection pool
     has as many connections); ``max_response_bytes`` bounds what is read of each answer.
-    Both are ignored for ``file://``.
+    ``signing_keys`` sign every delivery (Standard Webhooks); ``tracing`` makes a span per
+    attempt. All of these are ignored for ``file://``.
     """
     if url.startswith("file://"):
         return FileUpstream(url)
@@ -39,13 +43,21 @@ def open_upstream(
         trio.CapacityLimiter(concurrency),
         max_response_bytes=max_response_bytes,
         wall_clock=wall_clock,
+        signing_keys=signing_keys,
+        tracing=tracing,
     )
 
 
 def upstream_builder(
-    *, concurrency: int, max_response_bytes: int, wall_clock: Callable[[], float]
+    *,
+    concurrency: int,
+    max_response_bytes: int,
+    wall_clock: Callable[[], float],
+    signing: Mapping[str, tuple[bytes, ...]] | None = None,
+    tracing: Tracing = NO_TRACING,
 ) -> Callable[[str, float], Upstream]:
-    """An ``(url, send_timeout) -> Upstream`` factory with these limits (see :func:`open_upstream`)."""
+    """An ``(url, send_timeout) -> Upstream`` factory with these limits (see
+    :func:`open_upstream`); ``signing`` maps an upstream URL to its HMAC keys."""
 
     def build(url: str, timeout: float) -> Upstream:
         return open_upstream(
@@ -54,6 +66,8 @@ def upstream_builder(
             concurrency=concurrency,
             max_response_bytes=max_response_bytes,
             wall_clock=wall_clock,
+            signing_keys=(signing or {}).get(url, ()),
+            tracing=tracing,
         )
 
     return build

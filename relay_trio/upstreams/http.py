@@ -19,6 +19,8 @@ import httpx
 import orjson
 import trio
 
+from ..core.webhooks import TraceContext, signature_header
+from ..tracing import NO_TRACING, Tracing, start_trace
 from .base import ACKED, TIMED_OUT, Outbound, SendResult, SendStatus
 
 #: Largest ``Content-Length`` (in digits) worth converting; longer is over any cap anyway.
@@ -71,8 +73,11 @@ class HttpUpstream:
     #: flush: one hung request holds one slot, for at most the attempt deadline.
     limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(64))
     max_response_bytes: int = 65536
-    #: Wall-clock seconds, to read a ``Retry-After`` HTTP-date.
+    #: Wall-clock seconds, to read a ``Retry-After`` HTTP-date and for ``webhook-timestamp``.
     wall_clock: Callable[[], float] = time.time
+    #: HMAC keys (decoded ``whsec_`` secrets): one ``webhook-signature`` entry each.
+    signing_keys: tuple[bytes, ...] = ()
+    tracing: Tracing = NO_TRACING
 
     async def send_one(self, message: Outbound, attempt_deadline: float) -> SendResult:
         """POST ``message`` once, within ``attempt_deadline`` seconds.
@@ -82,20 +87,49 @@ class HttpUpstream:
         propagates. The response is closed before this returns.
         """
         with trio.move_on_after(attempt_deadline):
-            try:
-                return await self._post(message)
-            except httpx.HTTPError as exc:
-                return SendResult(SendStatus.FAILED, type(exc).__name__)
+            return await self._post(message)
         return TIMED_OUT
 
-    async def _post(self, message: Outbound) -> SendResult:
-        async with self.client.stream(
-            "POST",
-            self.url,
-            content=orjson.dumps(message.body()),
+    def headers(
+        self, message: Outbound, trace: TraceContext, body: bytes, span_id: str
+    ) -> dict[str, str]:
+        """The delivery contract's headers for ``body`` (docs/upstream.md): ``webhook-id``
+        (the message id: the same on every attempt and redrive), ``webhook-timestamp``,
+        ``webhook-signature`` when the upstream has keys, ``traceparent``/``tracestate``.
+        The signature covers exactly ``body``, the bytes sent. Never blocks."""
+        timestamp = int(self.wall_clock())
+        headers = {
+            "content-type": "application/json",
             # identity: a compressed answer could expand past the cap inside one chunk.
-            headers={"content-type": "application/json", "accept-encoding": "identity"},
-        ) as response:
+            "accept-encoding": "identity",
+            "webhook-id": message.message_id,
+            "webhook-timestamp": str(timestamp),
+            "traceparent": trace.traceparent(span_id),
+        }
+        if self.signing_keys:
+            headers["webhook-signature"] = signature_header(
+                self.signing_keys, message.message_id, timestamp, body
+            )
+        if trace.tracestate is not None:
+            headers["tracestate"] = trace.tracestate
+        return headers
+
+    async def _post(self, message: Outbound) -> SendResult:
+        """One attempt inside its span (ended however the attempt ends, cancellation too)."""
+        body = orjson.dumps(message.body())
+        trace = message.trace if message.trace is not None else start_trace()
+        span = self.tracing.attempt(trace, message.message_id, message.attempt, self.url)
+        result = SendResult(SendStatus.FAILED, "cancelled")
+        try:
+            result = await self._exchange(self.headers(message, trace, body, span.span_id), body)
+        except httpx.HTTPError as exc:
+            result = SendResult(SendStatus.FAILED, type(exc).__name__)
+        finally:
+            span.end(result.status.value, result.detail)
+        return result
+
+    async def _exchange(self, headers: dict[str, str], body: bytes) -> SendResult:
+        async with self.client.stream("POST", self.url, content=body, headers=headers) as response:
             status = response.status_code
             content = await self._read_capped(response)
             if not 200 <= status < 300:
@@ -114,10 +148,10 @@ class HttpUpstream:
                     SendStatus.FAILED, f"response body over {self.max_response_bytes} bytes"
                 )
         try:
-            body = orjson.loads(content) if content else {}
+            answer = orjson.loads(content) if content else {}
         except orjson.JSONDecodeError:
-            body = {}
-        if isinstance(body, dict) and body.get("ack") is True:
+            answer = {}
+        if isinstance(answer, dict) and answer.get("ack") is True:
             return ACKED
         return SendResult(SendStatus.SENT)
 
