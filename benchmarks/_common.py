@@ -103,12 +103,19 @@ class Child:
     lines; everything else on stdout is ignored. Always stopped by :meth:`stop`.
     """
 
-    def __init__(self, module: str, args: dict[str, Any], *, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        module: str,
+        args: dict[str, Any],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
         self.args = args
         full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, json.dumps(args)],
-            cwd=ROOT,
+            cwd=cwd or ROOT,
             stdout=subprocess.PIPE,
             stderr=None,
             text=True,

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,9 +36,33 @@ def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
 
+#: The code before the durable store and the architecture split (the last landed commit of
+#: the previous session): the "before" rows run it from a git worktree in the same run.
+BASELINE_COMMIT = "35ebfe8"
+
+
+def baseline_tree(log: Callable[[str], None]) -> Path | None:
+    """A checkout of :data:`BASELINE_COMMIT` (made once with ``git worktree``), or None."""
+    tree = Path(tempfile.gettempdir()) / f"relay-trio-baseline-{BASELINE_COMMIT}"
+    if not (tree / "relay_trio").exists():
+        made = subprocess.run(
+            ["git", "-C", str(HERE.parent), "worktree", "add", "--detach", "-f"]
+            + [str(tree), BASELINE_COMMIT],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if made.returncode != 0:
+            log(f"  no baseline checkout: {made.stderr.strip()}")
+            return None
+    return tree
+
+
 @contextmanager
 def server(kind: str, **args: Any) -> Iterator[tuple[Child, dict[str, Any]]]:
-    child = Child("benchmarks.servers", {"kind": kind, **args})
+    """A benchmark server child; ``cwd`` (a checkout) runs another version of the code."""
+    cwd = args.pop("cwd", None)
+    child = Child("benchmarks.servers", {"kind": kind, **args}, cwd=cwd)
     try:
         info = child.wait_ready(120)
         yield child, info
@@ -167,12 +192,21 @@ def ingest(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     conns = 32
     wrk = ensure_wrk(log)
     posts: dict[str, Any] = {}
-    targets = [
+    before = baseline_tree(log)
+    targets: list[tuple[str, str, dict[str, Any]]] = [
         ("relay-trio", "relay", {"config": INGEST_CONFIG}),
         ("relay-trio (store=memory)", "relay", {"config": {**INGEST_CONFIG, "store": "memory"}}),
         ("quart-trio (bare)", "quart", {}),
         ("starlette+uvicorn (bare)", "starlette", {}),
     ]
+    if before is not None:
+        targets.append(
+            (
+                f"relay-trio before ({BASELINE_COMMIT})",
+                "relay",
+                {"config": INGEST_CONFIG, "cwd": before},
+            )
+        )
     # This machine is shared and single runs swing by +-25%: in full mode the relay and
     # its quart-trio ceiling alternate three times and each keeps its median run.
     rounds = 1 if quick else 3
@@ -202,7 +236,12 @@ def ingest(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
         ("batch (500/request, 2 conns)", "batch", {"conns": 2, "batch": 500}),
         ("stream (8 conns)", "stream", {"conns": 8, "window": 250}),
     ]
-    for store_name, store_config in stores:
+    variants: list[tuple[str, dict[str, Any], Path | None]] = [
+        (name, config, None) for name, config in stores
+    ]
+    if before is not None:
+        variants.append((f"before ({BASELINE_COMMIT}, in memory)", {}, before))
+    for store_name, store_config, cwd in variants:
         stream_config = {
             **INGEST_CONFIG,
             **store_config,
@@ -210,12 +249,12 @@ def ingest(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
         }
         for name, kind, extra in runs:
             label = f"{name}, {store_name}"
-            with server("relay", config=stream_config) as (_, info):
+            with server("relay", cwd=cwd, config=stream_config) as (_, info):
                 url = info["stream"][0] if kind == "stream" else info["url"]
                 bulk[label] = client(
                     kind, duration + 60, url=url, duration=duration, warmup=1.0, **extra
                 )
-                bulk[label]["store"] = store_stats(info["url"])
+                bulk[label]["store"] = store_stats(info["url"]) if cwd is None else {}
             log(
                 f"  {label}: {bulk[label]['reports_per_s']:.0f} reports/s, "
                 f"round trip p99 {bulk[label]['round_trip_p99_ms']:.1f} ms, "
@@ -225,11 +264,24 @@ def ingest(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     uvicorn = posts["starlette+uvicorn (bare)"]["rps"]
     relay = posts["relay-trio"]["rps"]
     memory_post = posts["relay-trio (store=memory)"]["rps"]
+    before_name = f"relay-trio before ({BASELINE_COMMIT})"
+    vs_before: dict[str, float] = {}
+    if before_name in posts:
+        old = posts[before_name]["rps"]
+        vs_before["POST, sqlite"] = ratio(relay, old)
+        vs_before["POST, memory"] = ratio(memory_post, old)
+        for name, _, _ in runs:
+            old_bulk = bulk.get(f"{name}, before ({BASELINE_COMMIT}, in memory)")
+            if old_bulk:
+                for store_name, _ in stores:
+                    new = bulk[f"{name}, {store_name}"]["reports_per_s"]
+                    vs_before[f"{name}, {store_name}"] = ratio(new, old_bulk["reports_per_s"])
     return {
         "duration_s": duration,
         "post": posts,
         "bulk": bulk,
         "post_sqlite_vs_memory": ratio(relay, memory_post),
+        "vs_before": vs_before,
         "relay_vs_quart_ceiling": ratio(relay, ceiling),
         "relay_vs_uvicorn": ratio(relay, uvicorn),
         "bulk_vs_uvicorn": {k: ratio(v["reports_per_s"], uvicorn) for k, v in bulk.items()},
