@@ -45,9 +45,9 @@ def baseline_tree(log: Callable[[str], None]) -> Path | None:
     """A checkout of :data:`BASELINE_COMMIT` (made once with ``git worktree``), or None."""
     tree = Path(tempfile.gettempdir()) / f"relay-trio-baseline-{BASELINE_COMMIT}"
     if not (tree / "relay_trio").exists():
+        git = ["git", "-C", str(HERE.parent), "worktree", "add", "--detach", "-f"]
         made = subprocess.run(
-            ["git", "-C", str(HERE.parent), "worktree", "add", "--detach", "-f"]
-            + [str(tree), BASELINE_COMMIT],
+            [*git, str(tree), BASELINE_COMMIT],
             capture_output=True,
             text=True,
             check=False,
