@@ -210,13 +210,18 @@ def create_app(relay: Relay) -> QuartTrio:
         obj = decode_json(body)
         if isinstance(obj, Problem):
             return refused(obj, "malformed")
-        result = relay.admit(obj)
-        if isinstance(result, Accepted):
+        if relay.cluster is not None:
+            # Cluster mode: admission is a JetStream round trip; Accepted means stored.
+            result = (await relay.admit_cluster([obj]))[0]
+        else:
+            result = relay.admit(obj)
+        if isinstance(result, Accepted) and relay.cluster is None:
             # A 2xx promises durability: answer only once the store has the report.
             try:
                 await relay.durable()
             except StoreError as exc:
                 return problem_response(store_unavailable(exc))
+        if isinstance(result, Accepted):
             return Response(
                 orjson.dumps({"message_id": result.message_id}), status=202, content_type=JSON
             )
@@ -241,6 +246,7 @@ def create_app(relay: Relay) -> QuartTrio:
                 )
             )
         results: list[tuple[int, Accepted | Problem]] = []
+        clustered: list[tuple[int, object]] = []
         for number, line in lines:
             if len(line) > config.max_body_bytes:
                 result: Accepted | Problem = too_large(config.max_body_bytes)
@@ -249,9 +255,18 @@ def create_app(relay: Relay) -> QuartTrio:
                 obj = decode_json(line)
                 if isinstance(obj, Problem):
                     count_refused("malformed")
-                result = obj if isinstance(obj, Problem) else relay.admit(obj)
+                if relay.cluster is not None and not isinstance(obj, Problem):
+                    clustered.append((len(results), obj))
+                    result = Problem(503, "cluster-pending", "Not decided yet")
+                else:
+                    result = obj if isinstance(obj, Problem) else relay.admit(obj)
             results.append((number, result))
-        if any(isinstance(r, Accepted) for _, r in results):
+        if clustered:
+            # Cluster mode: one bridged call admits and stores every line (in order).
+            answers = await relay.admit_cluster([obj for _, obj in clustered])
+            for (at, _), answer in zip(clustered, answers, strict=True):
+                results[at] = (results[at][0], answer)
+        elif any(isinstance(r, Accepted) for _, r in results):
             # One commit for the whole batch; no line says "accepted" before it is stored.
             try:
                 await relay.durable()
@@ -271,7 +286,15 @@ def create_app(relay: Relay) -> QuartTrio:
         ack = validate_ack(obj)
         if isinstance(ack, Problem):
             return problem_response(ack)
-        outcome = relay.acknowledge(ack.message_id, ack.status, ack.reason, ack.retry_after)
+        if relay.cluster is not None:
+            try:
+                outcome = await relay.acknowledge_cluster(
+                    ack.message_id, ack.status, ack.reason, ack.retry_after
+                )
+            except StoreError as exc:
+                return problem_response(store_unavailable(exc))
+        else:
+            outcome = relay.acknowledge(ack.message_id, ack.status, ack.reason, ack.retry_after)
         return json_response({"message_id": ack.message_id, "outcome": outcome})
 
     @app.get("/v1/resources/<resource_id>")
