@@ -225,12 +225,14 @@ class Relay:
         assert self.cluster is not None
         return await self.cluster.admit_many(objs)
 
-    async def acknowledge_cluster(
+    async def acknowledge_any(
         self, message_id: str, status: str, reason: str | None, retry_after: float | None
     ) -> str:
-        """Cluster mode: an ACK/NACK for a message any instance sent (raises
-        :class:`~relay_trio.stores.base.StoreError` without NATS)."""
-        assert self.cluster is not None
+        """``POST /v1/acks``: :meth:`acknowledge`, or in cluster mode an ACK/NACK for a
+        message any instance sent (raises :class:`~relay_trio.stores.base.StoreError`
+        without NATS). A checkpoint in cluster mode only."""
+        if self.cluster is None:
+            return self.acknowledge(message_id, status, reason, retry_after)
         return await self.cluster.acknowledge(message_id, status, reason, retry_after)
 
     async def durable(self) -> None:

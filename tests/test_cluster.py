@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -15,12 +15,13 @@ import httpx
 import orjson
 import pytest
 import trio
-
-from relay_trio.relay import Relay
-from relay_trio.server import RelayServer
 from fake_upstream import Behaviour, run_fake_upstream
 from nats_helpers import NatsServer, running_nats
 from relay_helpers import MemoryUpstream, eventually, make_config
+
+from relay_trio.relay import Relay
+from relay_trio.server import RelayServer
+from relay_trio.upstreams.base import Upstream
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +46,10 @@ def cluster_config(tmp_path: Path, nats: NatsServer, name: str, **overrides: Any
     return make_config(tmp_path / name, **base)
 
 
+def _fixed(up: MemoryUpstream) -> Callable[[str, float], Upstream]:
+    return lambda _url, _deadline: up
+
+
 @asynccontextmanager
 async def instances(
     tmp_path: Path, nats: NatsServer, names: list[str], mode: str = "ack", **overrides: Any
@@ -54,7 +59,7 @@ async def instances(
         for name in names:
             up = MemoryUpstream("http://upstream.invalid/", mode)
             config = cluster_config(tmp_path, nats, name, **overrides)
-            relay = Relay(config, upstream_factory=lambda _u, _d, up=up: up)
+            relay = Relay(config, upstream_factory=_fixed(up))
             server = RelayServer(config, relay)
             urls = await nursery.start(server.serve)
             client = httpx.AsyncClient(base_url=urls[0], timeout=10)
@@ -87,9 +92,7 @@ async def test_three_instances_hand_out_unique_ids(tmp_path: Path, nats_server: 
         ids: list[str] = []
 
         async def post(client: httpx.AsyncClient, n: int) -> None:
-            body = b"".join(
-                b'{"resource_id": "hot", "payload": {"i": %d}}\n' % i for i in range(n)
-            )
+            body = b"".join(b'{"resource_id": "hot", "payload": {"i": %d}}\n' % i for i in range(n))
             r = await client.post("/v1/reports:batch", content=body)
             ids.extend(line["message_id"] for line in map(orjson.loads, r.content.splitlines()))
 
@@ -122,7 +125,7 @@ async def test_async_ack_posted_to_b_clears_a_message_sent_by_a(
             return dict((await other.get("/v1/status")).json()["cluster"]["consumer"])
 
         with trio.fail_after(10):
-            while (await consumer()).get("ack_pending", -1) != 0:
+            while (await consumer()).get("ack_pending", -1) != 0:  # noqa: ASYNC110 - remote state
                 await trio.sleep(0.2)
         assert (await consumer())["pending"] == 0
         again = await other.post("/v1/acks", json={"message_id": message_id, "status": "ack"})
@@ -178,7 +181,8 @@ async def relay_process(tmp: Path, nats: NatsServer, upstream: str) -> AsyncIter
 async def test_kill9_of_an_instance_holding_unacked_messages_loses_none(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
-    shared = {k: float(v) for k, v in SHARED.items() if k != "burst"} | {"burst": 1000}
+    shared: dict[str, Any] = {k: float(v) for k, v in SHARED.items() if k != "burst"}
+    shared["burst"] = 1000
     async with (
         run_fake_upstream() as fake,
         relay_process(tmp_path, nats_server, fake.url) as (proc, url),
@@ -189,7 +193,10 @@ async def test_kill9_of_an_instance_holding_unacked_messages_loses_none(
         )
         async with httpx.AsyncClient(base_url=url, timeout=10) as x:
             r = await x.post("/v1/reports:batch", content=body)
-        sent = {line["message_id"]: i for i, line in enumerate(map(orjson.loads, r.content.splitlines()))}
+        sent = {
+            line["message_id"]: i
+            for i, line in enumerate(map(orjson.loads, r.content.splitlines()))
+        }
         assert len(sent) == 40
         await fake.wait_received(40)
         async with instances(tmp_path, nats_server, ["a", "b"], **shared) as nodes:
@@ -208,7 +215,9 @@ async def test_kill9_of_an_instance_holding_unacked_messages_loses_none(
 async def test_nats_restart_under_load_pauses_with_503_and_loses_nothing(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
-    async with instances(tmp_path, nats_server, ["a", "b"], rate_per_minute=600000.0, burst=1000) as nodes:
+    async with instances(
+        tmp_path, nats_server, ["a", "b"], rate_per_minute=600000.0, burst=1000
+    ) as nodes:
         clients = [c for _, c, _ in nodes]
         ups = [u for _, _, u in nodes]
         admitted: set[str] = set()

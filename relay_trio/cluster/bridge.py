@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -53,10 +54,8 @@ class AsyncioThread:
         )
 
         def wake(_f: object) -> None:
-            try:
+            with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(done.set)
-            except trio.RunFinishedError:
-                pass
 
         future.add_done_callback(wake)
         try:
@@ -69,10 +68,8 @@ class AsyncioThread:
     def to_trio(self, fn: Callable[[], None]) -> None:
         """From the loop thread: run ``fn`` on the Trio thread soon (never blocks)."""
         assert self._token is not None
-        try:
+        with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(fn)
-        except trio.RunFinishedError:
-            pass
 
     async def stop(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - bounded join
         """Stop the loop and join its thread (off the Trio thread, bounded)."""

@@ -9,6 +9,7 @@ a batch costs one thread hop, not one per NATS round trip.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -117,7 +118,7 @@ class NatsLink:
             reconnected_cb=reconnected,
             error_cb=error,
         )
-        self.js = self.nc.jetstream(timeout=REQUEST_TIMEOUT)
+        self.js = self.nc.jetstream(timeout=int(REQUEST_TIMEOUT))
         await ensure_assets(self.js, c)
         self.admission = CasAdmission(
             NatsKV(await self.js.key_value(ADMISSION_BUCKET)),
@@ -136,9 +137,7 @@ class NatsLink:
 
     # -- admission -------------------------------------------------------------------
 
-    async def admit(
-        self, reports: Sequence[Incoming], now: float
-    ) -> list[Decision | str]:
+    async def admit(self, reports: Sequence[Incoming], now: float) -> list[Decision | str]:
         """Decide every report (in order per resource) and store the admitted ones.
 
         Returns, per report, its :class:`Decision` once stored (publish acknowledged), or an
@@ -191,9 +190,10 @@ class NatsLink:
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:  # noqa: ASYNC109
         """Up to ``batch`` messages from the shared senders consumer ([] on timeout)."""
         try:
-            return await self._sub.fetch(batch, timeout=timeout)
+            msgs: list[Msg] = await self._sub.fetch(batch, timeout=timeout)
         except (TimeoutError, nats.errors.TimeoutError):
             return []
+        return msgs
 
     async def begin(self, items: Sequence[tuple[str, bytes, bool]]) -> list[list[Any]]:
         """Record each delivery about to be attempted: ``(message_id, ack_reply, first)``.
@@ -224,7 +224,9 @@ class NatsLink:
         ``ack`` (ACK, forget the in-flight entry), ``nak`` (redeliver after ``delay``, keep
         the history) or ``wait`` (sent; the ACK comes later, keep the history)."""
 
-        async def one(message_id: str, reply: str, action: str, delay: float | None, h: Any) -> None:
+        async def one(
+            message_id: str, reply: str, action: str, delay: float | None, h: Any
+        ) -> None:
             key = token(message_id)
             if action == "ack":
                 await self.nc.publish(reply, b"+ACK")
@@ -235,13 +237,11 @@ class NatsLink:
                 await self.nc.publish(reply, _nak(delay))
 
         await asyncio.gather(*(one(*item) for item in items))
-        await self.nc.flush(timeout=REQUEST_TIMEOUT)
+        await self.nc.flush(timeout=int(REQUEST_TIMEOUT))
 
     async def _forget(self, key: str) -> None:
-        try:
+        with contextlib.suppress(NotFoundError):
             await self.inflight.delete(key)
-        except NotFoundError:
-            pass
 
     async def acknowledge(
         self,
@@ -265,7 +265,7 @@ class NatsLink:
         history = data.get("attempts", [])
         if status == "ack":
             await self.nc.publish(reply, b"+ACK")
-            await self.nc.flush(timeout=REQUEST_TIMEOUT)
+            await self.nc.flush(timeout=int(REQUEST_TIMEOUT))
             await self._forget(key)
             rid, _, seq = message_id.rpartition(":")
             await self.admission.acknowledged(rid, int(seq), now)
@@ -275,7 +275,7 @@ class NatsLink:
         history.append([now, "nack", "nack"])
         await self.inflight.put(key, orjson.dumps({"reply": reply, "attempts": history}))
         await self.nc.publish(reply, _nak(retry_after if retry_after is not None else delay))
-        await self.nc.flush(timeout=REQUEST_TIMEOUT)
+        await self.nc.flush(timeout=int(REQUEST_TIMEOUT))
         return "nacked", history
 
     async def synchronously_acked(self, resource_id: str, seq: int, now: float) -> None:
@@ -289,7 +289,7 @@ class NatsLink:
             await self.js.publish(dead_letter_subject(resource_id), record)
             await self.nc.publish(reply, b"+TERM")
             await self._forget(token(orjson.loads(record)["message_id"]))
-        await self.nc.flush(timeout=REQUEST_TIMEOUT)
+        await self.nc.flush(timeout=int(REQUEST_TIMEOUT))
 
     async def dead_letters(
         self, after: int, limit: int, resource_id: str | None
@@ -302,9 +302,7 @@ class NatsLink:
         seq = max(after + 1, info.state.first_seq)
         while seq <= last and len(out) < limit:
             try:
-                msg = await self.js.get_msg(
-                    DEAD_LETTER_STREAM, seq=seq, subject=subject, next=True
-                )
+                msg = await self.js.get_msg(DEAD_LETTER_STREAM, seq=seq, subject=subject, next=True)
             except NotFoundError:
                 break
             assert msg.seq is not None
@@ -314,10 +312,8 @@ class NatsLink:
 
     async def delete_dead_letters(self, seqs: Sequence[int]) -> None:
         for seq in seqs:
-            try:
+            with contextlib.suppress(NotFoundError):
                 await self.js.delete_msg(DEAD_LETTER_STREAM, seq)
-            except NotFoundError:
-                pass
 
     async def republish(self, resource_id: str, body: bytes, msg_id: str) -> None:
         await self.js.publish(report_subject(resource_id), body, headers={"Nats-Msg-Id": msg_id})

@@ -6,6 +6,10 @@ reports stream (a 2xx only after the publish is acknowledged); delivery is a set
 tasks pulling from one durable consumer shared by every instance, mapping the UMH onto
 JetStream's own controls (AckWait/BackOff, MaxDeliver, NAK with delay, one message per
 subject). docs/cluster.md lists every asset, subject and where semantics differ.
+
+Longer than 450 lines: one instance's whole cluster life cycle (connection and readiness,
+admission, the senders, ACKs, dead letters, status) on one link; the NATS calls themselves
+are in :mod:`relay_trio.cluster.link`.
 """
 
 from __future__ import annotations
@@ -26,9 +30,15 @@ from ..core.config import RelayConfig
 from ..core.model import Accepted, Problem, validate_report
 from ..core.routing import UpstreamRouter
 from ..metrics import RelayMetrics
-from ..stores.base import StoreError, AttemptRecord, DeadLetterPage, DeadLetterQuery, DeadLetterRecord
-from ..upstreams.base import Outbound, SendStatus, Upstream
 from ..services.publisher import EventPublisher
+from ..stores.base import (
+    AttemptRecord,
+    DeadLetterPage,
+    DeadLetterQuery,
+    DeadLetterRecord,
+    StoreError,
+)
+from ..upstreams.base import Outbound, SendStatus, Upstream
 from .bridge import AsyncioThread
 
 log = logging.getLogger("relay_trio")
@@ -50,7 +60,9 @@ def default_instance_id() -> str:
 
 def unavailable(detail: str) -> Problem:
     """503 while this instance has no NATS connection (nothing was admitted)."""
-    return Problem(503, "cluster-unavailable", "NATS JetStream unreachable", detail, retry_after=1.0)
+    return Problem(
+        503, "cluster-unavailable", "NATS JetStream unreachable", detail, retry_after=1.0
+    )
 
 
 @attrs.define(eq=False)
@@ -136,7 +148,9 @@ class ClusterNode:
                     log.debug("closing the NATS connection failed", exc_info=True)
                 await self.bridge.stop()
 
-    async def _heartbeat(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _heartbeat(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         interval = self.config.nats_heartbeat
         started = self.wall_clock()
         first = True
@@ -214,7 +228,12 @@ class ClusterNode:
         m.reports_admitted.inc()
         self.events.publish(
             "reports",
-            {"message_id": message_id, "resource_id": rid, "kind": kind, "instance": self.instance_id},
+            {
+                "message_id": message_id,
+                "resource_id": rid,
+                "kind": kind,
+                "instance": self.instance_id,
+            },
         )
         return Accepted(message_id, rid, d.seq)
 
@@ -250,7 +269,7 @@ class ClusterNode:
                 **({"reason": reason} if reason else {}),
             },
         )
-        return outcome
+        return str(outcome)
 
     def _backoff(self, attempt: int) -> float:
         c = self.config
@@ -334,9 +353,7 @@ class ClusterNode:
         acked: list[tuple[str, int]] = []
 
         async def send(index: int, batch: list[tuple[Outbound, str, dict[str, Any], int]]) -> None:
-            results = await self.upstreams[index].send_batch(
-                [s[0] for s in batch], c.send_timeout
-            )
+            results = await self.upstreams[index].send_batch([s[0] for s in batch], c.send_timeout)
             at = self.wall_clock()
             url = self.router.urls[index]
             for (ob, reply, body, n), result in zip(batch, results, strict=True):
@@ -349,8 +366,12 @@ class ClusterNode:
                     self.metrics.acks["acked"].inc()
                     self.events.publish(
                         "acks",
-                        {"message_id": ob.message_id, "status": "ack", "outcome": "acked",
-                         "synchronous": True},
+                        {
+                            "message_id": ob.message_id,
+                            "status": "ack",
+                            "outcome": "acked",
+                            "synchronous": True,
+                        },
                     )
                 elif result.status is SendStatus.SENT:
                     self.router.record_success(index, at)
@@ -361,7 +382,13 @@ class ClusterNode:
                     if result.retry_after is not None and n < c.max_attempts:
                         delay = max(delay, result.retry_after)
                     settle.append(
-                        (ob.message_id, reply, "nak", delay, [*h, [at, "send_failed", result.detail]])
+                        (
+                            ob.message_id,
+                            reply,
+                            "nak",
+                            delay,
+                            [*h, [at, "send_failed", result.detail]],
+                        )
                     )
 
         async with trio.open_nursery() as nursery:
@@ -430,9 +457,7 @@ class ClusterNode:
         now = self.wall_clock()
         horizon = 2 * self.config.nats_heartbeat
         figures = self.figures
-        members = [
-            {**m, "up": now - m.get("at", 0) <= horizon} for m in figures.get("members", [])
-        ]
+        members = [{**m, "up": now - m.get("at", 0) <= horizon} for m in figures.get("members", [])]
         return {
             "instance_id": self.instance_id,
             "connected": self.connected.value,

@@ -210,11 +210,8 @@ def create_app(relay: Relay) -> QuartTrio:
         obj = decode_json(body)
         if isinstance(obj, Problem):
             return refused(obj, "malformed")
-        if relay.cluster is not None:
-            # Cluster mode: admission is a JetStream round trip; Accepted means stored.
-            result = (await relay.admit_cluster([obj]))[0]
-        else:
-            result = relay.admit(obj)
+        # Cluster mode: admission is a JetStream round trip; Accepted means stored.
+        result = relay.admit(obj) if not relay.cluster else (await relay.admit_cluster([obj]))[0]
         if isinstance(result, Accepted) and relay.cluster is None:
             # A 2xx promises durability: answer only once the store has the report.
             try:
@@ -286,15 +283,12 @@ def create_app(relay: Relay) -> QuartTrio:
         ack = validate_ack(obj)
         if isinstance(ack, Problem):
             return problem_response(ack)
-        if relay.cluster is not None:
-            try:
-                outcome = await relay.acknowledge_cluster(
-                    ack.message_id, ack.status, ack.reason, ack.retry_after
-                )
-            except StoreError as exc:
-                return problem_response(store_unavailable(exc))
-        else:
-            outcome = relay.acknowledge(ack.message_id, ack.status, ack.reason, ack.retry_after)
+        try:
+            outcome = await relay.acknowledge_any(
+                ack.message_id, ack.status, ack.reason, ack.retry_after
+            )
+        except StoreError as exc:
+            return problem_response(store_unavailable(exc))
         return json_response({"message_id": ack.message_id, "outcome": outcome})
 
     @app.get("/v1/resources/<resource_id>")
