@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import attrs
 import orjson
@@ -57,6 +57,9 @@ from .upstreams.base import Upstream
 from .upstreams.factory import upstream_builder
 from .upstreams.file import FileUpstream
 
+if TYPE_CHECKING:
+    from .cluster.node import ClusterNode
+
 log = logging.getLogger("relay_trio")
 
 
@@ -67,9 +70,14 @@ class SupportsDrain(Protocol):
 
 
 def open_store(config: RelayConfig) -> Store:
-    """The store the config names (``sqlite``: ``<data_dir>/relay.db``; ``memory``)."""
-    if config.store == "memory":
-        return MemoryStore(config.max_dead_letters)
+    """The store the config names (``sqlite``: ``<data_dir>/relay.db``; ``memory``).
+
+    With ``nats`` the single-node store only backs the idle single-node parts: cluster
+    mode keeps everything in JetStream (:mod:`relay_trio.cluster`)."""
+    if config.store in ("memory", "nats"):
+        store = MemoryStore(config.max_dead_letters)
+        store.kind = config.store
+        return store
     from .stores.sqlite import SqliteStore
 
     sync = cast(Literal["normal", "full", "off"], config.store_sync)  # validated by config
@@ -124,6 +132,8 @@ class Relay:
     recovered_messages: int = attrs.field(init=False, default=0)
     #: Counters of the front doors the server runs (``http``, ``stream_receiver``).
     front_doors: dict[str, Callable[[], dict[str, int]]] = attrs.field(init=False, factory=dict)
+    #: Cluster mode (``store = "nats"``): admission, delivery and dead letters on JetStream.
+    cluster: ClusterNode | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         c = self.config
@@ -168,6 +178,25 @@ class Relay:
             self.wall_clock,
             self.tracing,
         )
+        if c.store == "nats":
+            from .cluster.node import ClusterNode
+
+            self.cluster = ClusterNode(
+                c, self.events, self.metrics, self.router, self.upstreams, self.wall_clock, self.rng
+            )
+            cluster = self.cluster
+            self.metrics.gauge(
+                "relay_cluster_connected",
+                "1 while this instance has its NATS connection (cluster mode), else 0",
+                lambda: float(cluster.connected.value),
+            )
+            self.metrics.labelled_function(
+                "relay_cluster_disconnects_total",
+                "Times this instance lost its NATS connection",
+                (),
+                lambda: {(): cluster.disconnects},
+                counter=True,
+            )
         self._register_gauges()
 
     # -- the parts, by the names the front doors and tests use ----------------------------
@@ -206,8 +235,30 @@ class Relay:
         self.events.publish(topic, data)
 
     def admit(self, obj: object) -> Accepted | Problem:
-        """Admit one report (see :meth:`Admission.admit`); await :meth:`durable` before 2xx."""
+        """Admit one report (see :meth:`Admission.admit`); await :meth:`durable` before 2xx.
+
+        In cluster mode admission needs NATS round trips: front doors use
+        :meth:`admit_cluster` instead, and this answers 503."""
+        if self.cluster is not None:
+            return Problem(503, "cluster-mode", "Use the HTTP doors in cluster mode")
         return self.admission.admit(obj)
+
+    async def admit_cluster(self, objs: list[object]) -> list[Accepted | Problem]:
+        """Cluster mode: admit ``objs`` cluster-wide; each ``Accepted`` is already stored."""
+        assert self.cluster is not None
+        return await self.cluster.admit_many(objs)
+
+    async def acknowledge_any(
+        self, message_id: str, status: str, reason: str | None, retry_after: float | None
+    ) -> str:
+        """``POST /v1/acks``: :meth:`acknowledge` and wait for its commit, or in cluster mode
+        an ACK/NACK for a message any instance sent. A checkpoint; raises
+        :class:`~relay_trio.stores.base.StoreError` if the store (or NATS) cannot take it."""
+        if self.cluster is None:
+            outcome = self.acknowledge(message_id, status, reason, retry_after)
+            await self.all_durable()  # the ACK's change is committed before the answer
+            return outcome
+        return await self.cluster.acknowledge(message_id, status, reason, retry_after)
 
     async def durable(self) -> None:
         """Wait until every report admitted so far is committed (see :meth:`Admission.durable`)."""
@@ -271,6 +322,8 @@ class Relay:
 
     async def dead_letter_page(self, query: DeadLetterQuery) -> dict[str, Any]:
         """``GET /v1/deadletters``: stored dead letters matching ``query``, oldest first."""
+        if self.cluster is not None:
+            return page_view(await self.cluster.dead_letters(query), 0)
         page = await self.store.query_dead_letters(query)
         return page_view(page, self.store.stats().dead_letters_pruned)
 
@@ -323,6 +376,7 @@ class Relay:
             "file_upstream_slow_writes": self._slow_writes(),
             "metrics": self.metrics.snapshot(),
             "config": self.config.summary(),
+            **({} if self.cluster is None else {"cluster": self.cluster.status()}),
         }
 
     def _register_gauges(self) -> None:
@@ -491,6 +545,11 @@ class Relay:
         c = self.config
         self._stop_admitting()
         self.events.emit(ev.draining(c.shutdown_flush))
+        if self.cluster is not None:
+            # Unacknowledged messages stay in JetStream for the other instances.
+            await self.cluster.drain()
+            await self.side.drain(c.side_timeout)
+            return
         if receiver is not None:
             await receiver.drain(c.receiver_drain_budget)
         self.delivery.close_sends()
@@ -505,6 +564,8 @@ class Relay:
     def _stop_admitting(self) -> None:
         self.draining = True
         self.admission.draining = True
+        if self.cluster is not None:
+            self.cluster.draining = True
         self.delivery.draining = True
         self.ready.value = False
 
@@ -540,6 +601,9 @@ class Relay:
         staged and upstream clients are closed on the way out (shielded, bounded).
         """
         self.started_at = trio.current_time()
+        if self.cluster is not None:
+            await self._run_cluster(self.cluster, task_status)
+            return
         self._recover(await self.store.open())
         try:
             async with trio.open_nursery() as nursery:
@@ -561,6 +625,32 @@ class Relay:
                     await upstream.aclose()
                 if self.tracing.exporting:
                     await trio.to_thread.run_sync(self.tracing.shutdown, abandon_on_cancel=True)
+
+    async def _run_cluster(self, cluster: ClusterNode, task_status: trio.TaskStatus[None]) -> None:
+        """Cluster mode: the NATS node replaces the store, scheduler and sender pool."""
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.hub.run)
+                await nursery.start(cluster.run)
+                await nursery.start(self.delivery.run_prober)
+                await nursery.start(self.side.run)
+                nursery.start_soon(self._follow_connection, cluster)
+                self.events.emit(ev.started(0))
+                self.ready.value = True
+                task_status.started()
+        finally:
+            self.ready.value = False
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.close_budget / 2):
+                for upstream in self.upstreams:
+                    await upstream.aclose()
+
+    async def _follow_connection(self, cluster: ClusterNode) -> None:
+        """Readiness follows the NATS connection (false while it is lost)."""
+        while True:
+            await cluster.connected.wait_value(False)
+            self.ready.value = False
+            await cluster.connected.wait_value(True)
+            self.ready.value = not self.draining
 
 
 def message_trace(meta: bytes) -> TraceContext | None:

@@ -23,6 +23,7 @@ LAYERS = {
     "logs": 1,
     "systemd": 1,
     "services": 2,
+    "cluster": 2,
     "http": 3,
     "stream": 3,
     "relay": 4,

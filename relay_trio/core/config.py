@@ -25,7 +25,7 @@ from .webhooks import parse_secrets
 
 ENV_PREFIX: Final = "RELAY_TRIO_"
 FLUSH_MODES: Final = ("sequential", "parallel", "none")
-STORES: Final = ("sqlite", "memory")
+STORES: Final = ("sqlite", "memory", "nats")
 STORE_SYNC: Final = ("normal", "full", "off")
 MIB: Final = 1024 * 1024
 #: Share of ``shutdown_timeout`` for the drain; the rest closes streams and stops HTTP.
@@ -109,7 +109,23 @@ class RelayConfig:
     )
     store: str = _opt(
         "sqlite",
-        "Where admitted reports and dead letters live: sqlite (data_dir/relay.db) or memory.",
+        "Where admitted reports and dead letters live: sqlite (data_dir/relay.db), memory, "
+        "or nats (cluster mode: NATS JetStream at nats_url, shared by every instance).",
+    )
+    nats_url: str = _opt(
+        "nats://127.0.0.1:4222",
+        "Cluster mode: NATS server URL(s), comma-separated (store = nats).",
+    )
+    instance_id: str = _opt(
+        "", "Cluster mode: this instance's name in the members list. Default: hostname-pid."
+    )
+    nats_heartbeat: float = _opt(
+        2.0,
+        "Cluster mode: seconds between membership heartbeats (a member is up while its last "
+        "one is under two intervals old; the entry expires after three).",
+    )
+    nats_replicas: int = _opt(
+        1, "Cluster mode: JetStream replicas of every stream and KV bucket (1 or 3 servers)."
     )
     store_sync: str = _opt(
         "normal",
@@ -558,6 +574,14 @@ def validate(config: RelayConfig) -> None:
         f"must be one of {', '.join(FLUSH_MODES)}",
     )
     _require(c.store in STORES, "store", f"must be one of {', '.join(STORES)}")
+    _require(c.nats_heartbeat > 0, "nats_heartbeat", "must be > 0")
+    _require(c.nats_replicas in (1, 3, 5), "nats_replicas", "must be 1, 3 or 5")
+    if c.store == "nats":
+        _require(
+            not c.stream_listen,
+            "stream_listen",
+            "the stream door is not available with store = nats yet (use POST /v1/reports:batch)",
+        )
     _require(c.store_sync in STORE_SYNC, "store_sync", f"must be one of {', '.join(STORE_SYNC)}")
     _require(c.recovery_rate > 0, "recovery_rate", "must be > 0")
     _require(

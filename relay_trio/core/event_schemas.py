@@ -173,6 +173,20 @@ SCHEMAS: Final[tuple[EventSchema, ...]] = (
     ),
     EventSchema(
         "system",
+        "Cluster mode: this instance lost its NATS connection (503 until it is back).",
+        (_kind("nats_disconnected"), Field("instance", "string", "the `instance_id`")),
+        "kind",
+        "nats_disconnected",
+    ),
+    EventSchema(
+        "system",
+        "Cluster mode: this instance is connected to NATS again.",
+        (_kind("nats_connected"), Field("instance", "string", "the `instance_id`")),
+        "kind",
+        "nats_connected",
+    ),
+    EventSchema(
+        "system",
         "The last event: every SSE stream ends with it (SSE event name `shutdown`).",
         (_kind("shutdown"), Field("reason", "string", "why (signal name, `admin`, `test`...)")),
         "kind",
@@ -310,6 +324,12 @@ def upstream_down(upstream: str) -> EventData:
 def upstream_up(upstream: str) -> EventData:
     """``system`` ``upstream_up``."""
     return EventData("system", {"kind": "upstream_up", "upstream": upstream})
+
+
+def nats_connection(up: bool, instance: str) -> EventData:
+    """``system`` ``nats_connected`` / ``nats_disconnected`` (cluster mode)."""
+    kind = "nats_connected" if up else "nats_disconnected"
+    return EventData("system", {"kind": kind, "instance": instance})
 
 
 def shutdown(reason: str) -> EventData:

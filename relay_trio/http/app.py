@@ -26,7 +26,6 @@ from ..core.model import (
     Accepted,
     Problem,
     empty_batch,
-    malformed,
     too_large,
     validate_ack,
 )
@@ -35,6 +34,7 @@ from ..stores.base import StoreError
 from .openapi import openapi_document
 from .params import (
     dead_letter_query,
+    decode_json,
     int_param,
     int_value,
     redrive_request,
@@ -52,7 +52,6 @@ log = logging.getLogger("relay_trio.http")
 PROBLEM_JSON: Final = "application/problem+json"
 JSON: Final = "application/json"
 NDJSON: Final = "application/x-ndjson"
-MAX_JSON_DEPTH: Final = 64
 
 
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> Response:
@@ -69,37 +68,6 @@ def problem_response(problem: Problem, headers: dict[str, str] | None = None) ->
 
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status=status, content_type=JSON)
-
-
-def _depth_ok(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True when ``value`` nests no deeper than ``limit`` (iterative: no recursion limit)."""
-    stack: list[tuple[object, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return False
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    return True
-
-
-def decode_json(body: bytes) -> object | Problem:
-    """Parse a JSON body; a 400 problem for garbage or nesting beyond the depth limit."""
-    try:
-        value: object = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return malformed(str(exc).split(":", 1)[0])
-    # Nesting needs one bracket per level: counting them (in C) spares the walk for
-    # every body that cannot be too deep, which is nearly all of them.
-    if (
-        isinstance(value, dict | list)
-        and body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH
-        and not _depth_ok(value)
-    ):
-        return malformed(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    return value
 
 
 def create_app(relay: Relay) -> QuartTrio:
@@ -217,13 +185,15 @@ def create_app(relay: Relay) -> QuartTrio:
                 count_refused("invalid")
                 return problem_response(contract)
             obj = contract
-        result = relay.admit(obj)
-        if isinstance(result, Accepted):
+        # Cluster mode: admission is a JetStream round trip; Accepted means stored.
+        result = relay.admit(obj) if not relay.cluster else (await relay.admit_cluster([obj]))[0]
+        if isinstance(result, Accepted) and relay.cluster is None:
             # A 2xx promises durability: answer only once the store has the report.
             try:
                 await relay.durable()
             except StoreError as exc:
                 return problem_response(store_unavailable(exc))
+        if isinstance(result, Accepted):
             response = Response(
                 orjson.dumps({"message_id": result.message_id}), status=202, content_type=JSON
             )
@@ -251,6 +221,7 @@ def create_app(relay: Relay) -> QuartTrio:
                 )
             )
         results: list[tuple[int, Accepted | Problem]] = []
+        clustered: list[tuple[int, object]] = []
         for number, line in lines:
             if len(line) > config.max_body_bytes:
                 result: Accepted | Problem = too_large(config.max_body_bytes)
@@ -259,9 +230,18 @@ def create_app(relay: Relay) -> QuartTrio:
                 obj = decode_json(line)
                 if isinstance(obj, Problem):
                     count_refused("malformed")
-                result = obj if isinstance(obj, Problem) else relay.admit(obj)
+                if relay.cluster is not None and not isinstance(obj, Problem):
+                    clustered.append((len(results), obj))
+                    result = Problem(503, "cluster-pending", "Not decided yet")
+                else:
+                    result = obj if isinstance(obj, Problem) else relay.admit(obj)
             results.append((number, result))
-        if any(isinstance(r, Accepted) for _, r in results):
+        if clustered:
+            # Cluster mode: one bridged call admits and stores every line (in order).
+            answers = await relay.admit_cluster([obj for _, obj in clustered])
+            for (at, _), answer in zip(clustered, answers, strict=True):
+                results[at] = (results[at][0], answer)
+        elif any(isinstance(r, Accepted) for _, r in results):
             # One commit for the whole batch; no line says "accepted" before it is stored.
             try:
                 await relay.durable()
@@ -281,10 +261,11 @@ def create_app(relay: Relay) -> QuartTrio:
         ack = validate_ack(obj)
         if isinstance(ack, Problem):
             return problem_response(ack)
-        outcome = relay.acknowledge(ack.message_id, ack.status, ack.reason, ack.retry_after)
-        # A 200 on an ACK means it is stored: a crash after it never redelivers the message.
         try:
-            await relay.all_durable()
+            # A 200 on an ACK means it is stored: a crash after it never redelivers it.
+            outcome = await relay.acknowledge_any(
+                ack.message_id, ack.status, ack.reason, ack.retry_after
+            )
         except StoreError as exc:
             return problem_response(store_unavailable(exc))
         return json_response({"message_id": ack.message_id, "outcome": outcome})

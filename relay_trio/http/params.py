@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final
 
+import orjson
 from quart import request
 
 from ..core.events import MAX_PAGE, TOPICS
@@ -22,6 +23,7 @@ from ..core.model import (
     contract_fields_problem,
     invalid,
     invalid_query,
+    malformed,
     parse_bounded_int,
 )
 from ..services.redrive import RedriveRequest
@@ -184,3 +186,37 @@ def with_contract_headers(
             )
         obj[field] = value
     return obj
+
+
+MAX_JSON_DEPTH: Final = 64
+
+
+def _depth_ok(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when ``value`` nests no deeper than ``limit`` (iterative: no recursion limit)."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def decode_json(body: bytes) -> object | Problem:
+    """Parse a JSON body; a 400 problem for garbage or nesting beyond the depth limit."""
+    try:
+        value: object = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return malformed(str(exc).split(":", 1)[0])
+    # Nesting needs one bracket per level: counting them (in C) spares the walk for
+    # every body that cannot be too deep, which is nearly all of them.
+    if (
+        isinstance(value, dict | list)
+        and body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH
+        and not _depth_ok(value)
+    ):
+        return malformed(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value

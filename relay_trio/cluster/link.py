@@ -1,0 +1,359 @@
+"""Everything cluster mode asks of NATS, as coroutines run on the bridge's asyncio loop.
+
+:class:`NatsLink` holds the connection and the JetStream handles; the Trio side
+(:mod:`relay_trio.cluster.node`) calls its methods through
+:meth:`~relay_trio.cluster.bridge.AsyncioThread.call`, one bridged call per batch of work so
+a batch costs one thread hop, not one per NATS round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import nats
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue as NatsKeyValue
+
+from ..core.config import RelayConfig
+from ..core.limiter import LeakyBucket
+from .admission import CasAdmission, Conflict, Decision
+from .assets import ensure_assets
+from .names import (
+    ADMISSION_BUCKET,
+    DEAD_LETTER_STREAM,
+    DEAD_LETTER_SUBJECT,
+    INFLIGHT_BUCKET,
+    MEMBERS_BUCKET,
+    REPORTS_STREAM,
+    SENDERS_CONSUMER,
+    dead_letter_subject,
+    report_subject,
+    token,
+    untoken,
+)
+
+#: Seconds one JetStream request (publish ack, KV op) may take before it fails.
+REQUEST_TIMEOUT = 2.0
+
+
+@attrs.define(eq=False)
+class NatsKV:
+    """The :class:`~relay_trio.cluster.admission.KeyValue` protocol over a JetStream KV."""
+
+    kv: NatsKeyValue
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return None
+        return entry.value or b"", entry.revision or 0
+
+    async def create(self, key: str, value: bytes) -> int:
+        try:
+            return await self.kv.create(key, value)
+        except (KeyWrongLastSequenceError, nats.js.errors.BadRequestError) as exc:
+            raise Conflict(key) from exc
+
+    async def update(self, key: str, value: bytes, revision: int) -> int:
+        try:
+            return await self.kv.update(key, value, last=revision)
+        except KeyWrongLastSequenceError as exc:
+            raise Conflict(key) from exc
+
+
+@attrs.frozen
+class Incoming:
+    """A report as it goes into the reports stream."""
+
+    resource_id: str
+    kind: str | None
+    payload: Any
+
+
+@attrs.define(eq=False)
+class NatsLink:
+    """The NATS connection and every operation cluster mode performs on it (asyncio side)."""
+
+    config: RelayConfig
+    instance_id: str
+    on_disconnect: Callable[[], None]
+    on_reconnect: Callable[[], None]
+    nc: Client = attrs.field(init=False, default=None)
+    js: JetStreamContext = attrs.field(init=False, default=None)
+    admission: CasAdmission = attrs.field(init=False, default=None)
+    inflight: NatsKeyValue = attrs.field(init=False, default=None)
+    members: NatsKeyValue = attrs.field(init=False, default=None)
+    _sub: Any = attrs.field(init=False, default=None)
+
+    async def connect(self) -> None:
+        """Connect (first attempt must succeed), create or check the assets, bind handles."""
+        c = self.config
+
+        async def disconnected() -> None:
+            self.on_disconnect()
+
+        async def reconnected() -> None:
+            self.on_reconnect()
+
+        async def error(_exc: Exception) -> None:
+            return None
+
+        self.nc = await nats.connect(
+            servers=[s.strip() for s in c.nats_url.split(",") if s.strip()],
+            name=f"relay-trio {self.instance_id}",
+            connect_timeout=REQUEST_TIMEOUT,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            allow_reconnect=True,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+        )
+        self.js = self.nc.jetstream(timeout=int(REQUEST_TIMEOUT))
+        await ensure_assets(self.js, c)
+        self.admission = CasAdmission(
+            NatsKV(await self.js.key_value(ADMISSION_BUCKET)),
+            LeakyBucket.per_minute(c.rate_per_minute, c.burst),
+            c.stale_ack_threshold,
+            dry_run=c.dry_run,
+            cache_size=c.max_resources,
+        )
+        self.inflight = await self.js.key_value(INFLIGHT_BUCKET)
+        self.members = await self.js.key_value(MEMBERS_BUCKET)
+        self._sub = await self.js.pull_subscribe_bind(SENDERS_CONSUMER, stream=REPORTS_STREAM)
+
+    async def close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.close()
+
+    # -- admission -------------------------------------------------------------------
+
+    async def admit(self, reports: Sequence[Incoming], now: float) -> list[Decision | str]:
+        """Decide every report (in order per resource) and store the admitted ones.
+
+        Returns, per report, its :class:`Decision` once stored (publish acknowledged), or an
+        error string when the KV or the stream could not be reached (no 2xx may be sent).
+        """
+        results: list[Decision | str] = ["unset"] * len(reports)
+        by_resource: dict[str, list[int]] = {}
+        for i, r in enumerate(reports):
+            by_resource.setdefault(r.resource_id, []).append(i)
+
+        async def one_resource(indexes: list[int]) -> None:
+            for i in indexes:
+                r = reports[i]
+                try:
+                    decision = await self.admission.admit(r.resource_id, now)
+                except Exception as exc:
+                    results[i] = f"admission: {type(exc).__name__}"
+                    continue
+                if not decision.admitted:
+                    results[i] = decision
+                    continue
+                message_id = f"{r.resource_id}:{decision.seq}"
+                body = orjson.dumps(
+                    {
+                        "message_id": message_id,
+                        "resource_id": r.resource_id,
+                        "seq": decision.seq,
+                        "kind": r.kind,
+                        "payload": r.payload,
+                        "admitted_at": now,
+                        "instance": self.instance_id,
+                    }
+                )
+                try:
+                    await self.js.publish(
+                        report_subject(r.resource_id),
+                        body,
+                        headers={"Nats-Msg-Id": message_id},
+                    )
+                except Exception as exc:
+                    results[i] = f"publish: {type(exc).__name__}"
+                    continue
+                results[i] = decision
+
+        await asyncio.gather(*(one_resource(ix) for ix in by_resource.values()))
+        return results
+
+    # -- delivery --------------------------------------------------------------------
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:  # noqa: ASYNC109
+        """Up to ``batch`` messages from the shared senders consumer ([] on timeout)."""
+        try:
+            msgs: list[Msg] = await self._sub.fetch(batch, timeout=timeout)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+        return msgs
+
+    async def begin(self, items: Sequence[tuple[str, bytes, bool]]) -> list[list[Any]]:
+        """Record each delivery about to be attempted: ``(message_id, ack_reply, first)``.
+
+        Returns each message's attempt history so far (read from the in-flight KV unless this
+        is the first delivery) and writes the entry with the delivery's ACK reply subject, so
+        an ACK posted to any instance can reach the message.
+        """
+
+        async def one(message_id: str, reply: bytes, first: bool) -> list[Any]:
+            key = token(message_id)
+            history: list[Any] = []
+            if not first:
+                try:
+                    entry = await self.inflight.get(key)
+                    history = orjson.loads(entry.value or b"{}").get("attempts", [])
+                except KeyNotFoundError:
+                    pass
+            await self.inflight.put(
+                key, orjson.dumps({"reply": reply.decode(), "attempts": history})
+            )
+            return history
+
+        return list(await asyncio.gather(*(one(*item) for item in items)))
+
+    async def settle(self, items: Sequence[tuple[str, str, str, float | None, list[Any]]]) -> None:
+        """Apply send outcomes: ``(message_id, reply, action, delay, history)`` with action
+        ``ack`` (ACK, forget the in-flight entry), ``nak`` (redeliver after ``delay``, keep
+        the history) or ``wait`` (sent; the ACK comes later, keep the history)."""
+
+        async def one(
+            message_id: str, reply: str, action: str, delay: float | None, h: Any
+        ) -> None:
+            key = token(message_id)
+            if action == "ack":
+                await self.nc.publish(reply, b"+ACK")
+                await self._forget(key)
+                return
+            await self.inflight.put(key, orjson.dumps({"reply": reply, "attempts": h}))
+            if action == "nak":
+                await self.nc.publish(reply, _nak(delay))
+
+        await asyncio.gather(*(one(*item) for item in items))
+        await self.nc.flush(timeout=int(REQUEST_TIMEOUT))
+
+    async def _forget(self, key: str) -> None:
+        with contextlib.suppress(NotFoundError):
+            await self.inflight.delete(key)
+
+    async def acknowledge(
+        self,
+        message_id: str,
+        status: str,
+        retry_after: float | None,
+        delays: Sequence[float],
+        now: float,
+    ) -> tuple[str, list[Any]]:
+        """An ACK/NACK posted to this instance for a message any instance sent.
+
+        Returns the outcome (``acked``, ``nacked`` or ``unknown``) and the history. A NACK
+        without ``retry_after`` waits ``delays[attempts - 1]`` (drawn by the caller)."""
+        key = token(message_id)
+        try:
+            entry = await self.inflight.get(key)
+        except KeyNotFoundError:
+            return "unknown", []
+        data = orjson.loads(entry.value or b"{}")
+        reply = data.get("reply", "")
+        history = data.get("attempts", [])
+        if status == "ack":
+            await self.nc.publish(reply, b"+ACK")
+            await self.nc.flush(timeout=int(REQUEST_TIMEOUT))
+            await self._forget(key)
+            rid, _, seq = message_id.rpartition(":")
+            await self.admission.acknowledged(rid, int(seq), now)
+            return "acked", history
+        attempts = sum(1 for a in history if a[1] in ("sent", "send_failed"))
+        delay = delays[min(max(attempts, 1), len(delays)) - 1]
+        history.append([now, "nack", "nack"])
+        await self.inflight.put(key, orjson.dumps({"reply": reply, "attempts": history}))
+        await self.nc.publish(reply, _nak(retry_after if retry_after is not None else delay))
+        await self.nc.flush(timeout=int(REQUEST_TIMEOUT))
+        return "nacked", history
+
+    async def synchronously_acked(self, resource_id: str, seq: int, now: float) -> None:
+        """Clear the stale-ACK clock after upstream ACKs given in the send's answer."""
+        await self.admission.acknowledged(resource_id, seq, now)
+
+    async def dead_letter(self, records: Sequence[tuple[str, str, bytes]]) -> None:
+        """Store dead letters ``(resource_id, ack_reply, record_json)``, then end the
+        messages (TERM) and forget their in-flight entries."""
+        for resource_id, reply, record in records:
+            await self.js.publish(dead_letter_subject(resource_id), record)
+            await self.nc.publish(reply, b"+TERM")
+            await self._forget(token(orjson.loads(record)["message_id"]))
+        await self.nc.flush(timeout=int(REQUEST_TIMEOUT))
+
+    async def dead_letters(
+        self, after: int, limit: int, resource_id: str | None
+    ) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` dead letters with stream sequence > ``after`` (oldest first)."""
+        info = await self.js.stream_info(DEAD_LETTER_STREAM)
+        last = info.state.last_seq
+        out: list[tuple[int, bytes]] = []
+        subject = None if resource_id is None else dead_letter_subject(resource_id)
+        seq = max(after + 1, info.state.first_seq)
+        while seq <= last and len(out) < limit:
+            try:
+                msg = await self.js.get_msg(DEAD_LETTER_STREAM, seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                break
+            assert msg.seq is not None
+            out.append((msg.seq, msg.data or b""))
+            seq = msg.seq + 1
+        return out
+
+    async def delete_dead_letters(self, seqs: Sequence[int]) -> None:
+        for seq in seqs:
+            with contextlib.suppress(NotFoundError):
+                await self.js.delete_msg(DEAD_LETTER_STREAM, seq)
+
+    async def republish(self, resource_id: str, body: bytes, msg_id: str) -> None:
+        await self.js.publish(report_subject(resource_id), body, headers={"Nats-Msg-Id": msg_id})
+
+    # -- membership and figures ---------------------------------------------------------
+
+    async def heartbeat(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Write this instance's heartbeat; return members and stream/consumer figures."""
+        await self.members.put(token(self.instance_id), orjson.dumps(info))
+        members: list[dict[str, Any]] = []
+        try:
+            keys = await self.members.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        for key in keys:
+            try:
+                entry = await self.members.get(key)
+            except KeyNotFoundError:
+                continue
+            members.append({"instance_id": untoken(key), **orjson.loads(entry.value or b"{}")})
+        stream = await self.js.stream_info(REPORTS_STREAM)
+        consumer = await self.js.consumer_info(REPORTS_STREAM, SENDERS_CONSUMER)
+        dead = await self.js.stream_info(DEAD_LETTER_STREAM)
+        return {
+            "members": members,
+            "stream": {"messages": stream.state.messages, "bytes": stream.state.bytes},
+            "consumer": {
+                "pending": consumer.num_pending,
+                "ack_pending": consumer.num_ack_pending,
+                "redelivered": consumer.num_redelivered,
+                "waiting": consumer.num_waiting,
+            },
+            "dead_letters": dead.state.messages,
+        }
+
+
+def _nak(delay: float | None) -> bytes:
+    if delay is None or delay <= 0:
+        return b"-NAK"
+    return b"-NAK " + orjson.dumps({"delay": int(delay * 1e9)})
+
+
+__all__ = ["DEAD_LETTER_SUBJECT", "Incoming", "NatsLink", "api"]
