@@ -250,12 +250,14 @@ def create_app(relay: Relay) -> QuartTrio:
         out = [reply_line(result, number) for number, result in results]
         return Response(b"".join(out), status=200, content_type=NDJSON)
 
+    async def authorized_json(scope: str) -> object | Problem:
+        """The request's JSON body, after the ``scope`` token check and the size limit."""
+        body = await authorized_body(scope, config.max_body_bytes)
+        return body if isinstance(body, Problem) else decode_json(body)
+
     @app.post("/v1/acks")
     async def post_ack() -> Response:
-        body = await authorized_body("ack", config.max_body_bytes)
-        if isinstance(body, Problem):
-            return problem_response(body)
-        obj = decode_json(body)
+        obj = await authorized_json("ack")
         if isinstance(obj, Problem):
             return problem_response(obj)
         ack = validate_ack(obj)
@@ -294,10 +296,7 @@ def create_app(relay: Relay) -> QuartTrio:
 
     @app.post("/v1/deadletters:redrive")
     async def post_redrive() -> Response:
-        body = await authorized_body("admin", config.max_body_bytes)
-        if isinstance(body, Problem):
-            return problem_response(body)
-        obj = decode_json(body)
+        obj = await authorized_json("admin")
         if isinstance(obj, Problem):
             return problem_response(obj)
         req = redrive_request(obj)
