@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -120,3 +122,35 @@ class FakeAdmitter:
 
     async def durable(self) -> None:
         await trio.lowlevel.checkpoint()
+
+
+@asynccontextmanager
+async def relay_subprocess(
+    env: Mapping[str, str], stderr: Path, *, cwd: Path | None = None, within: float = 20
+) -> AsyncIterator[tuple[trio.Process, str]]:
+    """``python -m relay_trio run`` in a child process (settings in ``env``, its log in
+    ``stderr``); yields the process and its base URL once it printed ``listening on``,
+    and kills it on the way out if it is still running."""
+    with stderr.open("wb") as err:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "relay_trio", "run"],
+            cwd=cwd,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+    try:
+        assert proc.stdout is not None
+        buffer = b""
+        with trio.fail_after(within):
+            while b"\n" not in buffer:
+                chunk = await proc.stdout.receive_some(4096)
+                assert chunk, f"relay exited: {await trio.Path(stderr).read_text()}"
+                buffer += chunk
+        line = buffer.split(b"\n")[0].decode()
+        assert line.startswith("listening on http://127.0.0.1:"), line
+        yield proc, line.removeprefix("listening on ")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 import trio
 from fake_upstream import Behaviour, run_fake_upstream
 from nats_helpers import NatsServer, running_nats
-from relay_helpers import MemoryUpstream, eventually, make_config
+from relay_helpers import MemoryUpstream, eventually, make_config, relay_subprocess
 
 from relay_trio.relay import Relay
 from relay_trio.server import RelayServer
@@ -157,25 +155,8 @@ async def relay_process(tmp: Path, nats: NatsServer, upstream: str) -> AsyncIter
         **{f"RELAY_TRIO_{k.upper()}": v for k, v in SHARED.items()},
     }
     stderr = tmp / "x-stderr.log"
-    with stderr.open("wb") as err:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "relay_trio", "run"], env=env, stdout=subprocess.PIPE, stderr=err
-        )
-    try:
-        assert proc.stdout is not None
-        buffer = b""
-        with trio.fail_after(20):
-            while b"\n" not in buffer:
-                chunk = await proc.stdout.receive_some(4096)
-                assert chunk, f"relay exited: {stderr.read_text()}"
-                buffer += chunk
-        line = buffer.split(b"\n")[0].decode()
-        assert line.startswith("listening on http://127.0.0.1:"), line
-        yield proc, line.removeprefix("listening on ")
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with relay_subprocess(env, stderr) as (proc, url):
+        yield proc, url
 
 
 async def test_kill9_of_an_instance_holding_unacked_messages_loses_none(

@@ -11,7 +11,6 @@ import itertools
 import os
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +22,7 @@ import orjson
 import pytest
 import trio
 from fake_upstream import Behaviour, FakeUpstream, run_fake_upstream
+from relay_helpers import relay_subprocess
 
 _runs = itertools.count()
 
@@ -58,29 +58,8 @@ async def relay_process(tmp: Path, upstream: str, **settings: str) -> AsyncItera
         **{f"RELAY_TRIO_{k.upper()}": v for k, v in settings.items()},
     }
     stderr = tmp / f"stderr-{next(_runs)}.log"
-    with stderr.open("wb") as err:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "relay_trio", "run"],
-            cwd=tmp,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=err,
-        )
-    try:
-        assert proc.stdout is not None
-        buffer = b""
-        with trio.fail_after(20):
-            while b"\n" not in buffer:
-                chunk = await proc.stdout.receive_some(4096)
-                assert chunk, f"relay exited: {stderr.read_text()}"
-                buffer += chunk
-        line = buffer.split(b"\n")[0].decode()
-        assert line.startswith("listening on http://127.0.0.1:"), line
-        yield RelayProcess(proc, line.removeprefix("listening on "), stderr)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with relay_subprocess(env, stderr, cwd=tmp) as (proc, url):
+        yield RelayProcess(proc, url, stderr)
 
 
 async def _kill9(relay: RelayProcess) -> None:

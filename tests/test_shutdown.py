@@ -15,8 +15,6 @@ import os
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +26,7 @@ import orjson
 import pytest
 import trio
 from fake_upstream import Behaviour, FakeUpstream, run_fake_upstream
+from relay_helpers import relay_subprocess
 
 
 @attrs.define(eq=False)
@@ -79,29 +78,8 @@ async def relay_process(tmp_path: Path, **settings: object) -> AsyncIterator[Rel
     }
     env.update({f"RELAY_TRIO_{k.upper()}": str(v) for k, v in settings.items()})
     stderr = tmp_path / "stderr.log"
-    with stderr.open("wb") as err:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "relay_trio", "run"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=err,
-        )
-    try:
-        assert proc.stdout is not None
-        buffer = b""
-        with trio.fail_after(20):
-            while b"\n" not in buffer:
-                chunk = await proc.stdout.receive_some(4096)
-                assert chunk, stderr.read_text()
-                buffer += chunk
-        line = buffer.split(b"\n")[0].decode()
-        assert line.startswith("listening on http://127.0.0.1:"), line
-        yield RelayProcess(proc, line.removeprefix("listening on "), data_dir, stderr)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with relay_subprocess(env, stderr, cwd=tmp_path) as (proc, url):
+        yield RelayProcess(proc, url, data_dir, stderr)
 
 
 @attrs.define(eq=False)
