@@ -75,7 +75,7 @@ def open_store(config: RelayConfig) -> Store:
     With ``nats`` the single-node store only backs the idle single-node parts: cluster
     mode keeps everything in JetStream (:mod:`relay_trio.cluster`)."""
     if config.store in ("memory", "nats"):
-        store = MemoryStore(config.max_dead_letters)
+        store = MemoryStore(config.max_dead_letters, keeps_rows=False)
         store.kind = config.store
         return store
     from .stores.sqlite import SqliteStore

@@ -244,6 +244,10 @@ class Admission:
         trace: TraceContext,
     ) -> None:
         # The hot path of every admission: records built positionally, one change set.
+        if not self.store.keeps_rows:
+            if changes:  # an idempotency key still goes to the store
+                self._ticket = self.store.stage(changes)
+            return
         offset = self.wall_clock() - now
         rid = state.resource_id
         acked = state.last_acked_at

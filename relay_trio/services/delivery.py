@@ -299,7 +299,8 @@ class Delivery:
                 if state.payload_seq == acked.seq:
                     state.payload = None
                 changes.put_resource(resource_record(state, self._wall_offset(now)))
-            self.store.stage(changes)
+            if self.store.keeps_rows:
+                self.store.stage(changes)
         elif outcome is AckOutcome.DEAD:
             dead = self.umh.dead_letters.get(message_id)
             if dead is not None:
@@ -314,7 +315,7 @@ class Delivery:
     def _persist_attempts(self, message_id: str, resource_id: str, now: float) -> None:
         """Stage the pending message's attempt history and next due time."""
         view = self.umh.pending_for(resource_id)
-        if view is None or view.message_id != message_id:
+        if view is None or view.message_id != message_id or not self.store.keeps_rows:
             return
         offset = self._wall_offset(now)
         changes = Changes()

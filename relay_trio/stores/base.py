@@ -347,6 +347,10 @@ class Store(Protocol):
 
     kind: str
     """``"memory"`` or ``"sqlite"``."""
+    keeps_rows: bool
+    """Whether message and resource rows are worth staging: ``False`` for the relay's
+    in-process memory store, which cannot survive the process anyway (admission and
+    delivery then skip building them; dead letters, keys and meta are still staged)."""
     on_commit: Callable[[float, int], None] | None
     """Called on the Trio thread after each commit with (seconds, change sets in it)."""
 

@@ -51,6 +51,10 @@ class MemoryStore:
     """
 
     max_dead_letters: int
+    #: ``False`` for ``store = memory``: the relay stages no message/resource rows (they
+    #: could only serve a restart, which a process-local store never sees). The reference
+    #: model in the store tests keeps them.
+    keeps_rows: bool = True
     kind: str = attrs.field(init=False, default="memory")
     on_commit: Callable[[float, int], None] | None = attrs.field(init=False, default=None)
     resources: dict[str, ResourceRecord] = attrs.field(init=False, factory=dict)

@@ -64,6 +64,7 @@ class SqliteStore:
     #: How long the final commit at cancellation may take (shielded).
     flush_budget: float = 1.0
     kind: str = attrs.field(init=False, default="sqlite")
+    keeps_rows: bool = attrs.field(init=False, default=True)
     on_commit: Callable[[float, int], None] | None = attrs.field(init=False, default=None)
     _file: SqliteFile = attrs.field(init=False)
     _limiter: trio.CapacityLimiter = attrs.field(
