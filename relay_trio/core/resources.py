@@ -136,7 +136,9 @@ class ResourceTable:
 
     def take_evicted(self) -> list[ResourceState]:
         """Entries the cap pushed out since the last call (oldest first). Never blocks."""
-        evicted, self._lru_evicted = self._lru_evicted, []
+        evicted = self._lru_evicted
+        if evicted:  # called on every admission: allocate only when something was pushed out
+            self._lru_evicted = []
         return evicted
 
     def restore(self, state: ResourceState) -> None:
