@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover - types only
 
 # Not the relay's injected rng: trace ids must not shift the retry jitter tests rely on.
 _ids = random.Random()
+_MASK64 = (1 << 64) - 1
 
 
 def _span_id() -> str:
@@ -77,8 +78,12 @@ class Tracing:
         """The trace of a newly admitted message: ``incoming`` or a new one, with
         ``parent_id`` set to the admission span's id. Never blocks."""
         if self.tracer is None:
-            ctx = incoming if incoming is not None else start_trace()
-            return ctx._replace(parent_id=_span_id())
+            # One random draw for the trace id and the span id together (hot path).
+            bits = _ids.getrandbits(192)
+            span_id = f"{bits & _MASK64 or 1:016x}"
+            if incoming is None:
+                return TraceContext(f"{bits >> 64 or 1:032x}", span_id, "01")
+            return TraceContext(incoming.trace_id, span_id, incoming.flags, incoming.tracestate)
         span = self.tracer.start_span(
             "relay.admit",
             context=_parent_context(incoming),

@@ -209,8 +209,9 @@ class UpstreamRouter:
         probe there is, and a report must still go somewhere. ``None`` only if there are no
         upstreams at all.
         """
-        if not self.urls:
-            return None
+        n = len(self.urls)
+        if n <= 1:
+            return 0 if n else None
         order = self._ranked(resource_id)
         if self._down_count == 0 or self._down_count == len(self.urls):
             return order[0]

@@ -303,23 +303,27 @@ class UnconfirmedMessages:
 
     # ------------------------------------------------------------------ events from the relay
 
-    def admit(self, message_id: str, resource_id: str, now: float) -> str | None:
+    def admit(
+        self, message_id: str, resource_id: str, now: float, seq: int | None = None
+    ) -> str | None:
         """Track a new message whose first send is now in flight (no deadline yet).
 
         If the resource had a pending older message it becomes SUPERSEDED (its deadline is
         cancelled) and its id is returned so the caller can drop its payload. Raises
         ``ValueError`` if ``message_id`` is not ``"<resource_id>:<seq>"`` or its seq is not
-        newer than the pending message's.
+        newer than the pending message's. A caller that built the id itself passes ``seq``
+        and vouches that ``message_id == f"{resource_id}:{seq}"`` (the parse is skipped).
         """
-        parts = MessageId.split(message_id)
-        if parts is None or parts[0] != resource_id:
-            raise ValueError(f"message id {message_id!r} is not '{resource_id}:<seq>'")
+        if seq is None:
+            parts = MessageId.split(message_id)
+            if parts is None or parts[0] != resource_id:
+                raise ValueError(f"message id {message_id!r} is not '{resource_id}:<seq>'")
+            seq = parts[1]
         old = self._pending.get(resource_id)
         old_id: str | None = None
         if old is not None:
-            # Every pending id was checked here on its way in: it parses.
-            old_parts = MessageId.split(old.message_id)
-            if old_parts is not None and parts[1] <= old_parts[1]:
+            # Every pending id was checked on its way in: "<resource_id>:<decimal seq>".
+            if seq <= int(old.message_id.rpartition(":")[2]):
                 raise ValueError(f"message id {message_id!r} is not newer than {old.message_id!r}")
             old_id = old.message_id
             self._finish(old, MessageState.SUPERSEDED)

@@ -20,11 +20,20 @@ WallOf = Callable[[float | None], str | None]
 def rfc3339(ts: float) -> str:
     """``ts`` (Unix seconds) as an RFC 3339 UTC timestamp with milliseconds.
 
-    Every event gets one, so the date part is formatted once per second (cached) and
-    only the milliseconds per call.
+    Every event gets one: the last result is kept for its millisecond, and the date part
+    is formatted once per second (cached), so most calls format only the milliseconds.
     """
-    seconds, micros = divmod(round(ts * 1_000_000), 1_000_000)
-    return f"{_second_prefix(seconds)}.{micros // 1000:03d}Z"
+    millis_total = round(ts * 1_000_000) // 1000
+    if millis_total == _last[0]:
+        return _last[1]
+    seconds, millis = divmod(millis_total, 1000)
+    text = f"{_second_prefix(seconds)}.{millis:03d}Z"
+    _last[:] = (millis_total, text)
+    return text
+
+
+#: The last (milliseconds, text) :func:`rfc3339` returned.
+_last: list[Any] = [None, ""]
 
 
 @functools.lru_cache(maxsize=8)

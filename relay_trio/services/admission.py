@@ -163,7 +163,14 @@ class Admission:
         upstream = router.pick(rid) or 0
         trace = self.tracing.admitted(report.trace, message_id, rid)
         superseded = self.delivery.enqueue(
-            message_id, state, report.kind, report.payload, upstream=upstream, now=now, trace=trace
+            message_id,
+            state,
+            report.kind,
+            report.payload,
+            seq=seq,
+            upstream=upstream,
+            now=now,
+            trace=trace,
         )
         if superseded is False:
             m.rejected["overloaded"].inc()
@@ -177,8 +184,9 @@ class Admission:
         state.trace = trace
         if state.awaiting_ack_since is None:
             state.awaiting_ack_since = now
-        changes = Changes()
+        changes = None
         if key is not None:
+            changes = Changes()
             offset = self.wall_clock() - now
             forgotten = self.idempotency.remember(key, fp, message_id, now)
             if forgotten:
@@ -232,7 +240,7 @@ class Admission:
 
     def _stage(
         self,
-        changes: Changes,
+        changes: Changes | None,
         state: ResourceState,
         message_id: str,
         *,
@@ -245,9 +253,11 @@ class Admission:
     ) -> None:
         # The hot path of every admission: records built positionally, one change set.
         if not self.store.keeps_rows:
-            if changes:  # an idempotency key still goes to the store
+            if changes is not None:  # an idempotency key still goes to the store
                 self._ticket = self.store.stage(changes)
             return
+        if changes is None:
+            changes = Changes()
         offset = self.wall_clock() - now
         rid = state.resource_id
         acked = state.last_acked_at

@@ -135,12 +135,13 @@ class Delivery:
         kind: str | None,
         payload: Any,
         *,
+        seq: int,
         upstream: int,
         now: float,
         trace: TraceContext | None = None,
     ) -> str | bool | None:
-        """Hand a newly admitted message to the senders (first attempt, to upstream index
-        ``upstream``) and track it.
+        """Hand a newly admitted message (``message_id`` is ``f"{resource}:{seq}"``) to the
+        senders (first attempt, to upstream index ``upstream``) and track it.
 
         Returns ``False`` when the send channel is full (nothing changed: the caller answers
         503), else the id of the pending message it superseded (or ``None``). Never blocks.
@@ -151,7 +152,7 @@ class Delivery:
             )
         except trio.WouldBlock:
             return False
-        return self.umh.admit(message_id, state.resource_id, now)
+        return self.umh.admit(message_id, state.resource_id, now, seq)
 
     def readmit(
         self,
@@ -284,22 +285,25 @@ class Delivery:
             self.scheduler.wake()
         self.metrics.acks[outcome.value].inc()
         if outcome is AckOutcome.ACKED:
-            # ACKED: the id was this resource's pending message, so it parses.
-            acked = MessageId.of(message_id)
-            state = self.resources.get(acked.resource_id)
-            changes = Changes()
-            changes.delete_message(message_id)
+            # ACKED: the id was this resource's pending message, so it is one the relay
+            # issued ("<resource>:<seq>"); the UMH already checked it matches exactly.
+            rid, _, seq_text = message_id.rpartition(":")
+            seq = int(seq_text)
+            state = self.resources.get(rid)
             if state is not None:
                 state.last_acked_at = now
                 state.awaiting_ack_since = None
-                state.acked_seq = max(state.acked_seq, acked.seq)
+                state.acked_seq = max(state.acked_seq, seq)
                 if state.pending_message_id == message_id:
                     state.pending_message_id = None
                 # Release the cached payload only if it is the one this ACK covers.
-                if state.payload_seq == acked.seq:
+                if state.payload_seq == seq:
                     state.payload = None
-                changes.put_resource(resource_record(state, self._wall_offset(now)))
             if self.store.keeps_rows:
+                changes = Changes()
+                changes.delete_message(message_id)
+                if state is not None:
+                    changes.put_resource(resource_record(state, self._wall_offset(now)))
                 self.store.stage(changes)
         elif outcome is AckOutcome.DEAD:
             dead = self.umh.dead_letters.get(message_id)
