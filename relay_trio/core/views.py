@@ -24,16 +24,17 @@ def rfc3339(ts: float) -> str:
     is formatted once per second (cached), so most calls format only the milliseconds.
     """
     millis_total = round(ts * 1_000_000) // 1000
-    if millis_total == _last[0]:
-        return _last[1]
+    last = _last[0]
+    if millis_total == last[0]:
+        return last[1]
     seconds, millis = divmod(millis_total, 1000)
     text = f"{_second_prefix(seconds)}.{millis:03d}Z"
-    _last[:] = (millis_total, text)
+    _last[0] = (millis_total, text)
     return text
 
 
 #: The last (milliseconds, text) :func:`rfc3339` returned.
-_last: list[Any] = [None, ""]
+_last: list[tuple[int, str]] = [(-1, "")]
 
 
 @functools.lru_cache(maxsize=8)
