@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover - types only
 
 # Not the relay's injected rng: trace ids must not shift the retry jitter tests rely on.
 _ids = random.Random()
-_MASK64 = (1 << 64) - 1
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
 
 
 def _span_id() -> str:
@@ -79,10 +80,15 @@ class Tracing:
         ``parent_id`` set to the admission span's id. Never blocks."""
         if self.tracer is None:
             # One random draw for the trace id and the span id together (hot path).
-            bits = _ids.getrandbits(192)
-            span_id = f"{bits & _MASK64 or 1:016x}"
+            ids = _ids.randbytes(24).hex()
+            span_id = ids[32:]
+            if span_id == _ZERO_SPAN:  # W3C: never all zeros (p = 2^-64)
+                span_id = _span_id()
             if incoming is None:
-                return TraceContext(f"{bits >> 64 or 1:032x}", span_id, "01")
+                trace_id = ids[:32]
+                if trace_id == _ZERO_TRACE:
+                    return start_trace()._replace(parent_id=span_id)
+                return TraceContext(trace_id, span_id, "01")
             return TraceContext(incoming.trace_id, span_id, incoming.flags, incoming.tracestate)
         span = self.tracer.start_span(
             "relay.admit",

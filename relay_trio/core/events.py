@@ -98,6 +98,8 @@ def render_page(page: Page) -> bytes:
 class _TopicIndex:
     """Ids of one topic's retained events, oldest first, from ``ids[head]`` on."""
 
+    #: The SSE frame between the id and the data: ``\nevent: <topic>\ndata: ``.
+    sse_head: bytes
     ids: list[int] = attrs.Factory(list)
     head: int = 0
 
@@ -125,7 +127,7 @@ class EventRing:
 
     @_by_topic.default
     def _topic_default(self) -> dict[str, _TopicIndex]:
-        return {t: _TopicIndex() for t in TOPICS}
+        return {t: _TopicIndex(b"\nevent: %s\ndata: " % t.encode()) for t in TOPICS}
 
     def __attrs_post_init__(self) -> None:
         # Checked here rather than with attrs validators: validators would also wrap
@@ -183,13 +185,15 @@ class EventRing:
             raise ValueError(f"unknown topic {topic!r}")
         eid = self._next_id
         body = orjson.dumps({"id": eid, "topic": topic, "at": at, "data": data})
-        sse = b"id: %d\nevent: %s\ndata: %s\n\n" % (eid, topic.encode(), body)
+        sse = b"id: %d%s%s\n\n" % (eid, index.sse_head, body)
         event = Event(eid, topic, body, sse, len(body) + len(sse) + EVENT_OVERHEAD)
         self._next_id = eid + 1
-        self._events.append(event)
+        events = self._events
+        events.append(event)
         index.ids.append(eid)
         self._bytes += event.nbytes
-        self._trim()
+        if len(events) - self._head > self.max_count or self._bytes > self.max_bytes:
+            self._trim()
         return event
 
     def _trim(self) -> None:

@@ -283,7 +283,8 @@ class Delivery:
         else:
             outcome = self.umh.nack(message_id, now, reason or "nack", retry_after)
             self.scheduler.wake()
-        self.metrics.acks[outcome.value].inc()
+        value = outcome.value
+        self.metrics.acks[value].inc()
         if outcome is AckOutcome.ACKED:
             # ACKED: the id was this resource's pending message, so it is one the relay
             # issued ("<resource>:<seq>"); the UMH already checked it matches exactly.
@@ -313,8 +314,8 @@ class Delivery:
             self._persist_attempts(message_id, MessageId.of(message_id).resource_id, now)
         if self.draining:
             self.check_settled()
-        self.events.emit(ev.ack_received(message_id, status, outcome.value, synchronous, reason))
-        return outcome.value
+        self.events.emit(ev.ack_received(message_id, status, value, synchronous, reason))
+        return value
 
     def _persist_attempts(self, message_id: str, resource_id: str, now: float) -> None:
         """Stage the pending message's attempt history and next due time."""
