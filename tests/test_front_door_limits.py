@@ -72,6 +72,44 @@ async def test_idle_keep_alive_connection_closed_at_keep_alive_timeout(tmp_path:
         assert len(server.front_door.table) == 0
 
 
+class SpawnCounter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.name)
+
+
+async def test_keep_alive_timer_is_one_task_per_connection_not_per_request(
+    tmp_path: Path,
+) -> None:
+    # Hypercorn starts a timer task per request (a lock and a nursery.start each: ~40% of
+    # a single POST's CPU); the relay's connection moves one task's deadline instead. The
+    # timer still closes the connection once it is idle for keep_alive_timeout.
+    config = make_config(tmp_path, keep_alive_timeout=1.0)
+    async with running_server(config) as (server, _client):
+        stream = await trio.open_tcp_stream("127.0.0.1", port_of(server))
+        counter = SpawnCounter()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            async with stream:
+                for i in range(20):
+                    if i:
+                        await trio.sleep(0.3)  # idle between requests, under the timeout
+                    await stream.send_all(HEALTHZ)
+                    got = b""
+                    while not got.endswith(b'{"status":"ok"}'):
+                        got += await stream.receive_some(65536)
+                sent = trio.current_time()
+                assert await read_to_eof(stream, within=5) == b""
+                idle_for = trio.current_time() - sent
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+    timers = [name for name in counter.names if name.endswith("._idle_timeout")]
+    assert timers == []  # started once, when the connection opened (before counting)
+    assert 0.9 <= idle_for <= 2.5
+
+
 async def test_client_that_stops_mid_body_is_closed_at_read_timeout(tmp_path: Path) -> None:
     config = make_config(tmp_path, http_read_timeout=1.0)
     async with running_server(config) as (server, _client):

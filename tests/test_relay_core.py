@@ -229,3 +229,35 @@ async def test_file_upstream_moves_to_a_thread_after_a_slow_append(
     assert threaded == [True]  # after the backoff, back on the fast path
     assert len((tmp_path / "sink.jsonl").read_bytes().splitlines()) == 5
     await up.aclose()
+
+
+async def test_file_upstream_tolerates_one_slow_append_but_not_a_streak(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One append just over SLOW_WRITE (the process was preempted) keeps the fast path;
+    # SLOW_STREAK of them in a row move writes to the worker thread.
+    from relay_trio.upstreams.base import Outbound
+    from relay_trio.upstreams.file import SLOW_STREAK, SLOW_WRITE, FileUpstream
+
+    up = FileUpstream(f"file://{tmp_path}/sink.jsonl")
+    msg = Outbound("r:1", "r", None, {"x": 1}, 1, 0)
+    await up.send_batch([msg], 5)  # opens the file (thread)
+    real_write = FileUpstream._write
+    delays: list[float] = []
+
+    def timed(self: FileUpstream, data: bytes) -> None:
+        mock_clock.jump(delays.pop(0))
+        real_write(self, data)
+
+    monkeypatch.setattr(FileUpstream, "_write", timed)
+    slow = SLOW_WRITE * 2
+    delays[:] = [slow, 0.0] + [slow] * (SLOW_STREAK - 1)
+    for _ in delays[:]:
+        await up.send_batch([msg], 5)
+    assert up.slow_writes == 0  # a fast append broke the first streak
+    delays[:] = [slow]
+    await up.send_batch([msg], 5)  # the SLOW_STREAK-th slow append in a row
+    assert up.slow_writes == 1
+    assert up._threaded_until > trio.current_time()
+    monkeypatch.setattr(FileUpstream, "_write", real_write)
+    await up.aclose()

@@ -20,8 +20,13 @@ log = logging.getLogger("relay_trio.sender")
 
 #: Batches up to this size may be appended on the Trio thread (see FileUpstream).
 SYNC_WRITE_MAX: Final = 64 * 1024
-#: A synchronous append slower than this sends the upstream to its worker thread...
+#: A synchronous append slower than this is slow; SLOW_STREAK slow appends in a row send
+#: the upstream to its worker thread (one alone is as likely the scheduler preempting the
+#: process on a busy machine as a slow disk)...
 SLOW_WRITE: Final = 0.002
+SLOW_STREAK: Final = 3
+#: ...and so does a single append slower than this (a stalled disk)...
+STALLED_WRITE: Final = 0.05
 #: ...for this long.
 SLOW_WRITE_BACKOFF: Final = 60.0
 
@@ -33,11 +38,14 @@ class FileUpstream:
     Each batch is a single ``write`` on an ``O_APPEND`` descriptor, so concurrent sender
     tasks never interleave lines. Opening the file and large batches go to a worker
     thread. Small appends (up to ``SYNC_WRITE_MAX``) land in the page cache in
-    microseconds, and a thread hop per batch measured 17% of single-report ingest, so
-    they are written on the Trio thread -- but every such write is timed, and one that
-    takes longer than ``SLOW_WRITE`` (a stalled disk) sends this upstream back to the
-    worker thread for ``SLOW_WRITE_BACKOFF`` seconds, so a slow disk stalls the event
-    loop at most once per backoff period.
+    microseconds, and a thread hop per batch costs more than the whole admission of a
+    report (measured: single POSTs used ~35% more CPU each while writes went through the
+    thread), so they are written on the Trio thread -- but every such write is timed:
+    one that takes longer than ``STALLED_WRITE``, or ``SLOW_STREAK`` in a row longer than
+    ``SLOW_WRITE``, send this upstream back to the worker thread for
+    ``SLOW_WRITE_BACKOFF`` seconds, so a slow disk stalls the event loop at most a few
+    times per backoff period, and one preemption of a busy process does not cost a
+    minute of thread hops.
     """
 
     url: str
@@ -46,6 +54,8 @@ class FileUpstream:
     #: Trio time before which every write goes to the worker thread.
     _threaded_until: float = attrs.field(default=0.0, init=False)
     slow_writes: int = attrs.field(default=0, init=False)
+    #: Consecutive synchronous appends slower than SLOW_WRITE.
+    _slow_streak: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.path = Path(self.url.removeprefix("file://"))
@@ -70,15 +80,21 @@ class FileUpstream:
             except OSError as exc:
                 return [SendResult(SendStatus.FAILED, f"file: {exc.strerror}")] * len(batch)
             took = trio.current_time() - now
-            if took > SLOW_WRITE:
-                self.slow_writes += 1
-                self._threaded_until = now + SLOW_WRITE_BACKOFF
-                log.warning(
-                    "file upstream %s: an append took %.1f ms; writing from a worker thread for %gs",
-                    self.path,
-                    took * 1000,
-                    SLOW_WRITE_BACKOFF,
-                )
+            if took <= SLOW_WRITE:
+                self._slow_streak = 0
+            else:
+                self._slow_streak += 1
+                if took > STALLED_WRITE or self._slow_streak >= SLOW_STREAK:
+                    self._slow_streak = 0
+                    self.slow_writes += 1
+                    self._threaded_until = now + SLOW_WRITE_BACKOFF
+                    log.warning(
+                        "file upstream %s: an append took %.1f ms; "
+                        "writing from a worker thread for %gs",
+                        self.path,
+                        took * 1000,
+                        SLOW_WRITE_BACKOFF,
+                    )
             await trio.lowlevel.checkpoint()
             return [ACKED] * len(batch)
         try:
