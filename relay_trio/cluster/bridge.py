@@ -72,15 +72,27 @@ class AsyncioThread:
             self._token.run_sync_soon(fn)
 
     async def stop(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - bounded join
-        """Stop the loop and join its thread (off the Trio thread, bounded)."""
+        """Cancel the loop's remaining tasks (nats-py's background tasks included; at most
+        1 s for them to end), stop the loop and join its thread (off the Trio thread,
+        bounded)."""
         if self._thread is None:
             return
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        asyncio.run_coroutine_threadsafe(_cancel_all_then_stop(), self.loop)
         thread = self._thread
         await trio.to_thread.run_sync(thread.join, timeout, abandon_on_cancel=True)
         if not thread.is_alive():
             self.loop.close()
         self._thread = None
+
+
+async def _cancel_all_then_stop() -> None:
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=1.0)
+    asyncio.get_running_loop().stop()
 
 
 async def _as_coroutine(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
