@@ -91,7 +91,10 @@ async def _cancel_all_then_stop() -> None:
     for task in tasks:
         task.cancel()
     if tasks:
-        await asyncio.wait(tasks, timeout=1.0)
+        done, _ = await asyncio.wait(tasks, timeout=1.0)
+        for task in done:  # retrieved: errors of calls nobody waits for any more
+            if not task.cancelled():
+                task.exception()
     asyncio.get_running_loop().stop()
 
 
