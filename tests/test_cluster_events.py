@@ -12,10 +12,12 @@ import httpx
 import orjson
 import pytest
 import trio
+from chromium_cdp import launch_chromium
 from nats_helpers import NatsServer, running_nats
 from relay_helpers import eventually
 from test_cluster import instances
 from test_sse import sse_events
+from test_statuspage_browser import wait_for
 
 from relay_trio.cluster.names import EVENTS_STREAM
 from relay_trio.core import event_schemas as ev
@@ -305,3 +307,24 @@ async def test_an_overflowing_outbox_reports_its_loss_before_the_kept_events(
         assert kept == list(range(lost - 1, 25))  # the newest, in order
         assert relay_b.metrics.render().count(b"relay_cluster_events_lost_total 0") == 1
         assert relay_a.metrics.render().count(b"relay_cluster_events_lost_total %d" % lost) == 1
+
+
+async def test_the_status_page_on_b_shows_which_instance_produced_each_event(
+    tmp_path: Path, nats: NatsServer
+) -> None:
+    async with (
+        instances(tmp_path, nats, ["a", "b"], **OPEN) as nodes,
+        launch_chromium(tmp_path / "chromium") as browser,
+    ):
+        (_, a, _), (sb, _, _) = nodes
+        session = await browser.open_page(sb.urls[0] + "/")
+        await wait_for(browser, session, "window.relayPage.state === 'live'")
+        message_id = await post(a, "vm-page")
+        log = "document.getElementById('log').textContent"
+        await wait_for(browser, session, f"{log}.includes({orjson.dumps(message_id).decode()})")
+        line = await browser.evaluate(
+            session,
+            "[...document.querySelectorAll('#log div')].map(d => d.textContent)"
+            f".find(t => t.includes(' reports ') && t.includes('{message_id}'))",
+        )
+        assert " reports @a {" in line

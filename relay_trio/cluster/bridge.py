@@ -99,4 +99,12 @@ async def _cancel_all_then_stop() -> None:
 
 
 async def _as_coroutine(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
-    return await fn(*args)
+    try:
+        return await fn(*args)
+    except Exception:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # The Trio caller was cancelled: nobody reads this error (it would be logged
+            # as "never retrieved"), and nats-py turns a cancelled wait into one on close.
+            raise asyncio.CancelledError from None
+        raise
