@@ -29,6 +29,9 @@ from .names import (
 
 #: Seconds JetStream remembers a ``Nats-Msg-Id`` to drop a duplicate publish.
 DUPLICATE_WINDOW = 120.0
+#: The same for the event stream: every event has an id to remember (the server keeps one
+#: entry per id for the window), and an event's publish is retried within seconds.
+EVENTS_DUPLICATE_WINDOW = 30.0
 
 
 class AssetConflict(Exception):
@@ -93,7 +96,7 @@ def wanted(c: RelayConfig) -> Assets:
             "discard": api.DiscardPolicy.OLD,
             "storage": api.StorageType.FILE,
             "num_replicas": c.nats_replicas,
-            "duplicate_window": DUPLICATE_WINDOW,
+            "duplicate_window": EVENTS_DUPLICATE_WINDOW,
             "allow_direct": True,
         },
         buckets={

@@ -25,6 +25,8 @@ PUBLISH_TIMEOUT = 2.0
 #: Mirrored messages waiting for the Trio side before the consumer callback waits (the
 #: ordered consumer's flow control then holds the server back).
 MIRROR_BACKLOG = 10_000
+#: Seconds between the first mirrored message of a burst and its hand-over to Trio.
+MIRROR_LINGER = 0.002
 #: Idle heartbeat of the mirror's ordered consumer: two missed ones recreate it (after a
 #: NATS restart, within about twice this).
 MIRROR_HEARTBEAT = 1.0
@@ -75,7 +77,8 @@ class EventLink:
             self.last_seq = seq
             arrived.append((seq, msg.subject[_PREFIX:], msg.data))
             if len(arrived) == 1:
-                wake()
+                # One hand-over per burst: what arrives in the next moments rides along.
+                asyncio.get_running_loop().call_later(MIRROR_LINGER, wake)
             # The Trio thread drains `arrived`; polling here costs nothing while it keeps up.
             while len(arrived) > MIRROR_BACKLOG:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)

@@ -39,6 +39,9 @@ log = logging.getLogger("relay_trio")
 
 #: Events published per bridged call (pipelined: one acknowledgement wait per batch).
 PUBLISH_BATCH: Final = 256
+#: Seconds the publishing task lets events accumulate after the first one arrives (a
+#: batch that fills goes at once): one bridged call per burst instead of one per event.
+PUBLISH_LINGER: Final = 0.005
 #: Seconds before a failed batch is tried again (the connection is usually being restored).
 RETRY_DELAY: Final = 0.25
 #: Seconds the mirror may take to reach the stream's end at start before the relay is
@@ -242,6 +245,8 @@ class ClusterEventLog:
             if not connected.value:
                 await connected.wait_value(True)
                 continue
+            if len(outbox.items) < PUBLISH_BATCH:
+                await trio.sleep(PUBLISH_LINGER)
             batch = outbox.take(PUBLISH_BATCH)
             reported = outbox.unreported
             if reported:
