@@ -710,7 +710,7 @@ class Relay:
                 await nursery.start(cluster.run)
                 if self.cluster_events is not None:
                     await nursery.start(
-                        self.cluster_events.run, cluster.bridge, cluster.link.js, cluster.connected
+                        self.cluster_events.run, cluster.bridge, cluster.link, cluster.connected
                     )
                 await nursery.start(self.delivery.run_prober)
                 await nursery.start(self.side.run)

@@ -135,8 +135,8 @@ def outbox_prefix(instance_id: str) -> str:
 class ClusterEventLog:
     """Publishes the outbox, mirrors the stream into the hub's ring, reads older ids.
 
-    Start with ``await nursery.start(log.run, bridge, js, connected)`` once the NATS link
-    is up; it is the hub's ``older`` port (:class:`~relay_trio.services.hub.OlderEvents`).
+    Start with ``await nursery.start(log.run, bridge, link, connected)`` once the NATS
+    link (:class:`~relay_trio.cluster.link.NatsLink`) is connected; it is the hub's ``older`` port (:class:`~relay_trio.services.hub.OlderEvents`).
     """
 
     hub: EventHub
@@ -155,7 +155,7 @@ class ClusterEventLog:
     async def run(
         self,
         bridge: AsyncioThread,
-        js: Any,
+        nats: Any,
         connected: trio_util.AsyncBool,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -170,7 +170,7 @@ class ClusterEventLog:
 
         self._bridge = bridge
         self._connected = connected
-        link = EventLink(js, lambda: bridge.to_trio(self._wake_mirror))
+        link = EventLink(nats.nc, nats.js, lambda: bridge.to_trio(self._wake_mirror))
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._mirror, link)
