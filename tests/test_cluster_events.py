@@ -330,3 +330,23 @@ async def test_the_status_page_on_b_shows_which_instance_produced_each_event(
             f".find(t => t.includes(' reports ') && t.includes('{message_id}'))",
         )
         assert " reports @a {" in line
+
+
+async def test_a_draining_instance_publishes_its_last_events_and_ends_streams_without_an_id(
+    tmp_path: Path, nats: NatsServer
+) -> None:
+    async with instances(tmp_path, nats, ["a", "b"], **OPEN) as nodes:
+        (sa, a, _), (sb, _, _) = nodes
+        async with a.stream("GET", "/v1/events/stream?topic=system") as r:
+            sa.relay.request_shutdown("test")
+            got = await read_until(r, lambda es: es[-1].get("event") == "shutdown")
+        final = got[-1]
+        assert "id" not in final
+        assert final["data"]["data"] == {"kind": "shutdown", "reason": "test"}
+        # The draining event went through the outbox into the log before the end.
+        await eventually(
+            lambda: any(
+                e["instance"] == "a" and e["data"].get("kind") == "draining"
+                for e in logged(sb.relay)
+            )
+        )

@@ -34,6 +34,7 @@ from ..services.hub import EventHub, HistoryUnavailable
 from ..services.publisher import EventPublisher
 from .bridge import AsyncioThread
 from .names import event_subject
+from .node import ClusterUnavailable
 
 log = logging.getLogger("relay_trio")
 
@@ -164,7 +165,8 @@ class ClusterEventLog:
 
         Reports started once the mirror has reached the stream's end as it was at start
         (at most :data:`CATCH_UP` seconds), so a ready instance pages the same ids as the
-        others. Raises if the mirror cannot be started (NATS gone since connecting).
+        others. Raises :class:`~relay_trio.cluster.node.ClusterUnavailable` (one line) if
+        the mirror cannot be started (NATS gone since connecting).
         """
         from .eventlink import EventLink
 
@@ -174,7 +176,12 @@ class ClusterEventLog:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._mirror, link)
-                last = await bridge.call(link.follow)
+                try:
+                    last = await bridge.call(link.follow)
+                except Exception as exc:
+                    raise ClusterUnavailable(
+                        f"cannot follow the event stream: {type(exc).__name__} {exc}".strip()
+                    ) from None
                 self._link = link
                 if not await self.hub.wait_for(last, CATCH_UP):
                     log.warning(
@@ -281,9 +288,13 @@ class ClusterEventLog:
                 await trio.sleep(RETRY_DELAY)
 
     async def flush(self) -> None:
-        """Wait until every queued event is stored (the caller bounds it). A checkpoint."""
-        while self.outbox.items or self._in_flight:
-            await self._settled.wait()
+        """Wait until every queued event is stored, or the connection is lost (nothing more
+        can be stored then: the outbox is lost with the process). The caller bounds it.
+        A checkpoint."""
+        connected = self._connected
+        while (self.outbox.items or self._in_flight) and connected and connected.value:
+            with trio.move_on_after(RETRY_DELAY):
+                await self._settled.wait()
         await trio.lowlevel.checkpoint()
 
     # -- older events ----------------------------------------------------------------------
