@@ -14,12 +14,13 @@ import pytest
 import trio
 from chromium_cdp import launch_chromium
 from nats_helpers import NatsServer, running_nats
-from relay_helpers import eventually
-from test_cluster import instances
+from relay_helpers import MemoryUpstream, eventually
+from test_cluster import cluster_config, instances
 from test_sse import sse_events
 from test_statuspage_browser import wait_for
 
 from relay_trio.cluster.names import EVENTS_STREAM
+from relay_trio.cluster.node import ClusterUnavailable
 from relay_trio.core import event_schemas as ev
 from relay_trio.relay import Relay
 
@@ -350,3 +351,25 @@ async def test_a_draining_instance_publishes_its_last_events_and_ends_streams_wi
                 for e in logged(sb.relay)
             )
         )
+
+
+async def test_an_event_stream_contradicting_the_config_refuses_the_start(
+    tmp_path: Path, nats: NatsServer
+) -> None:
+    async with instances(tmp_path, nats, ["a"], event_ring_size=100):
+        pass
+    relay = Relay(
+        cluster_config(tmp_path, nats, "b", event_ring_size=200),
+        upstream_factory=lambda _url, _deadline: MemoryUpstream("http://upstream.invalid/"),
+    )
+    with pytest.raises(BaseException) as caught:  # a group around it: unwrapped below
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.run)
+    errors = [caught.value]
+    while isinstance(errors[-1], BaseExceptionGroup):
+        errors.append(errors[-1].exceptions[0])
+    assert isinstance(errors[-1], ClusterUnavailable)
+    assert str(errors[-1]) == (
+        "JetStream stream RELAY_EVENTS has max_msgs=100 but the config needs 200; "
+        "delete it or fix the config"
+    )
