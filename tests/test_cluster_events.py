@@ -19,7 +19,7 @@ from relay_helpers import MemoryUpstream, eventually
 try:  # branch cluster1 moves the instance helpers to nats_helpers
     from nats_helpers import cluster_config, instances  # type: ignore[attr-defined,unused-ignore]
 except ImportError:
-    from test_cluster import cluster_config, instances
+    from test_cluster import cluster_config, instances  # type: ignore[attr-defined,no-redef,unused-ignore]
 from test_sse import sse_events
 from test_statuspage_browser import wait_for
 
