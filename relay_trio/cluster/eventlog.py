@@ -28,6 +28,7 @@ import trio
 import trio_util
 
 from ..core import event_schemas as ev
+from ..core.event_schemas import EventData
 from ..core.events import TOPICS, Event, Page, envelope, mirrored
 from ..core.views import rfc3339
 from ..services.hub import EventHub, HistoryUnavailable
@@ -109,7 +110,8 @@ class ClusterEventPublisher(EventPublisher):
     """The :class:`EventPublisher` of cluster mode: events go to the outbox, not the ring.
 
     The single-node publisher is untouched (no branch on its path); ids come from the
-    stream, so nothing is reserved in the store.
+    stream, so nothing is reserved in the store. Both entry points (``emit`` and
+    ``publish``) are overridden: the single-node ``emit`` may not go through ``publish``.
     """
 
     outbox: EventOutbox = attrs.field(kw_only=True)
@@ -117,6 +119,10 @@ class ClusterEventPublisher(EventPublisher):
 
     def resume(self, reserved: int) -> None:
         """Nothing to resume: the event stream numbers the events."""
+
+    def emit(self, event: EventData) -> None:
+        """:meth:`publish` a constructor's payload (never blocks)."""
+        self.publish(event.topic, event.data)
 
     def publish(self, topic: str, data: Mapping[str, Any]) -> None:
         """Encode one event with this instance's id and queue it for the stream.
