@@ -287,7 +287,8 @@ def sse(args: dict[str, Any]) -> dict[str, Any]:
     Stops at the planned end of the schedule plus ``grace`` (estimated from the first
     bench event seen), or after ``max_seconds``.
     """
-    host, port = split_url(args["url"])
+    # Subscribers are spread round-robin over `urls` (cluster instances) when given.
+    servers = [split_url(u) for u in args.get("urls") or [args["url"]]]
     n, path = args["subscribers"], args["path"]
     rate, duration, grace = args["rate"], args["duration"], args["grace"]
     planned = round(rate * duration)
@@ -296,10 +297,11 @@ def sse(args: dict[str, Any]) -> dict[str, Any]:
     seen: dict[int, int] = {}
     statuses: dict[str, int] = {}
     closed = [0]
-    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n"
     socks: list[socket.socket] = []
     connect_deadline = time.monotonic() + 60
-    for _ in range(n):
+    for i in range(n):
+        host, port = servers[i % len(servers)]
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n"
         s = socket.create_connection(
             (host, port), timeout=max(1.0, connect_deadline - time.monotonic())
         )

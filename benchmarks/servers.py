@@ -98,6 +98,9 @@ async def _sse_publisher(
     the schedule and still score 100%.
     """
     rate, duration, expect = spec["rate"], spec["duration"], spec["expect"]
+    # Several publishers (cluster instances) share one schedule: this one takes every
+    # `stride`-th event from `offset` on.
+    stride, offset = spec.get("stride", 1), spec.get("offset", 0)
     with trio.move_on_after(spec.get("wait_subs", 60)):
         while count_subscribers() < expect:  # noqa: ASYNC110 - polling another component
             await trio.sleep(0.05)
@@ -109,7 +112,7 @@ async def _sse_publisher(
     t0 = trio.current_time() + 0.2
     wall_t0 = time.time() + 0.2
     published = skipped = 0
-    for seq in range(total):
+    for seq in range(offset, total, stride):
         target = t0 + seq * period
         now = trio.current_time()
         if now > target + max_late:

@@ -159,13 +159,16 @@ def show_config(config_file: str | None, check: bool, **flags: Any) -> None:
 )
 @click.option("--last-event-id", default=None, help="Resume after this event id.")
 def tail(url: str, topic: str | None, token: str | None, last_event_id: str | None) -> None:
-    """Follow the event stream in the terminal; resumes where it left off on reconnect."""
+    """Follow the event stream in the terminal; resumes where it left off on reconnect.
+
+    Each line is ``<id> <event> [@<instance>] <json>``; in cluster mode ``@<instance>`` names
+    the relay instance that produced the event."""
     import trio
 
-    from .client import SseEvent, follow_events
+    from .client import SseEvent, describe, follow_events
 
     def show(event: SseEvent) -> bool:
-        click.echo(f"{event.id or '-'} {event.event} {event.data}")
+        click.echo(describe(event))
         return False
 
     with contextlib.suppress(KeyboardInterrupt):

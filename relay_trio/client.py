@@ -29,6 +29,23 @@ class SseEvent:
     id: str | None = None
 
 
+def describe(event: SseEvent) -> str:
+    """One terminal line for ``relay-trio tail``: ``<id> <event> [@<instance>] <data>``.
+
+    The producing instance (cluster mode: every event carries it) is shown after the event
+    name; frames whose data is not a JSON object with an ``instance`` show none. Never raises.
+    """
+    line = f"{event.id or '-'} {event.event}"
+    try:
+        body = orjson.loads(event.data)
+    except orjson.JSONDecodeError:
+        body = None
+    instance = body.get("instance") if isinstance(body, dict) else None
+    if isinstance(instance, str):
+        line += f" @{instance}"
+    return f"{line} {event.data}"
+
+
 async def parse_sse(lines: AsyncIterator[str]) -> AsyncGenerator[SseEvent, None]:
     """Turn SSE lines into events; comments (heartbeats) are skipped."""
     name, event_id = "message", None

@@ -43,7 +43,7 @@ from .metrics import SIDE_QUEUE_FIGURES, Figure, RelayMetrics
 from .services.admission import Admission, forget
 from .services.deadletters import DeadLetterBook, page_view
 from .services.delivery import Delivery
-from .services.hub import EventHub
+from .services.hub import EventHub, Subscription
 from .services.publisher import META_EVENT_ID, EventPublisher
 from .services.redrive import RedriveRequest, redrive
 from .services.scheduler import DeadlineScheduler
@@ -58,9 +58,14 @@ from .upstreams.factory import upstream_builder
 from .upstreams.file import FileUpstream
 
 if TYPE_CHECKING:
+    from .cluster.eventlog import ClusterEventLog
     from .cluster.node import ClusterNode
 
 log = logging.getLogger("relay_trio")
+
+#: Seconds an SSE resumption waits for this instance's event mirror to reach the client's
+#: ``Last-Event-ID`` (cluster mode; the mirror usually lags by milliseconds).
+RESUME_WAIT = 2.0
 
 
 class SupportsDrain(Protocol):
@@ -134,6 +139,8 @@ class Relay:
     front_doors: dict[str, Callable[[], dict[str, int]]] = attrs.field(init=False, factory=dict)
     #: Cluster mode (``store = "nats"``): admission, delivery and dead letters on JetStream.
     cluster: ClusterNode | None = attrs.field(init=False, default=None)
+    #: Cluster mode: the one event log across instances (outbox, mirror, older ids).
+    cluster_events: ClusterEventLog | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         c = self.config
@@ -147,7 +154,31 @@ class Relay:
             coalesce_interval=c.coalesce_interval,
             sse_write_budget=c.sse_write_budget,
         )
-        self.events = EventPublisher(self.hub, self.store, self.metrics, self.wall_clock)
+        instance = ""
+        if c.store == "nats":
+            from .cluster.eventlog import (
+                ClusterEventLog,
+                ClusterEventPublisher,
+                EventOutbox,
+                outbox_prefix,
+            )
+            from .cluster.node import default_instance_id
+
+            instance = c.instance_id or default_instance_id()
+            # Half the stream: what an outage kept, with its loss report, fits in the log.
+            outbox = EventOutbox(max(1, c.event_ring_size // 2), outbox_prefix(instance))
+            self.events = ClusterEventPublisher(
+                self.hub,
+                self.store,
+                self.metrics,
+                self.wall_clock,
+                outbox=outbox,
+                instance_id=instance,
+            )
+            self.cluster_events = ClusterEventLog(self.hub, outbox, instance, self.wall_clock)
+            self.hub.older = self.cluster_events
+        else:
+            self.events = EventPublisher(self.hub, self.store, self.metrics, self.wall_clock)
         self.dead_letter_book = DeadLetterBook(
             self.store, self.events, self.metrics, self.wall_clock
         )
@@ -182,9 +213,18 @@ class Relay:
             from .cluster.node import ClusterNode
 
             self.cluster = ClusterNode(
-                c, self.events, self.metrics, self.router, self.upstreams, self.wall_clock, self.rng
+                c,
+                self.events,
+                self.metrics,
+                self.router,
+                self.upstreams,
+                self.wall_clock,
+                self.rng,
+                instance_id=instance,
             )
             cluster = self.cluster
+            assert self.cluster_events is not None
+            events = self.cluster_events
             self.metrics.gauge(
                 "relay_cluster_connected",
                 "1 while this instance has its NATS connection (cluster mode), else 0",
@@ -195,6 +235,18 @@ class Relay:
                 "Times this instance lost its NATS connection",
                 (),
                 lambda: {(): cluster.disconnects},
+                counter=True,
+            )
+            self.metrics.gauge(
+                "relay_cluster_event_outbox",
+                "Events of this instance not yet stored in the event stream",
+                lambda: float(events.status()["outbox"]),
+            )
+            self.metrics.labelled_function(
+                "relay_cluster_events_lost_total",
+                "Events of this instance dropped from a full outbox while NATS was unreachable",
+                (),
+                lambda: {(): events.outbox.lost},
                 counter=True,
             )
         self._register_gauges()
@@ -233,6 +285,21 @@ class Relay:
         are built by the constructors of :mod:`relay_trio.core.event_schemas`.
         """
         self.events.publish(topic, data)
+
+    async def subscribe_events(
+        self, topics: frozenset[str] | None, last_event_id: int | None
+    ) -> Subscription:
+        """An SSE subscription (see :meth:`EventHub.subscribe`). A checkpoint.
+
+        Cluster mode: a ``last_event_id`` this instance's mirror has not reached yet (another
+        instance gave it to the client a moment ago) is waited for up to
+        :data:`RESUME_WAIT` seconds, so the resumption neither repeats nor skips events.
+        """
+        if self.cluster is not None and last_event_id is not None:
+            await self.hub.wait_for(last_event_id, RESUME_WAIT)
+        else:
+            await trio.lowlevel.checkpoint()
+        return self.hub.subscribe(topics, last_event_id)
 
     def admit(self, obj: object) -> Accepted | Problem:
         """Admit one report (see :meth:`Admission.admit`); await :meth:`durable` before 2xx.
@@ -376,8 +443,12 @@ class Relay:
             "file_upstream_slow_writes": self._slow_writes(),
             "metrics": self.metrics.snapshot(),
             "config": self.config.summary(),
-            **({} if self.cluster is None else {"cluster": self.cluster.status()}),
+            **({} if self.cluster is None else {"cluster": self._cluster_status(self.cluster)}),
         }
+
+    def _cluster_status(self, cluster: ClusterNode) -> dict[str, Any]:
+        events = {} if self.cluster_events is None else self.cluster_events.status()
+        return {**cluster.status(), "events": events}
 
     def _register_gauges(self) -> None:
         m = self.metrics
@@ -548,6 +619,8 @@ class Relay:
         if self.cluster is not None:
             # Unacknowledged messages stay in JetStream for the other instances.
             await self.cluster.drain()
+            if self.cluster_events is not None:
+                await self.cluster_events.flush()  # the draining event and the last reports
             await self.side.drain(c.side_timeout)
             return
         if receiver is not None:
@@ -590,7 +663,10 @@ class Relay:
     def close_streams(self) -> None:
         """Send the ``system`` ``shutdown`` event to every SSE subscriber and end streams."""
         if not self.hub.closed:
-            self.hub.close(self.shutdown_reason, rfc3339(self.wall_clock()))
+            # Cluster ids belong to the stream: the local shutdown frame carries none.
+            self.hub.close(
+                self.shutdown_reason, rfc3339(self.wall_clock()), numbered=self.cluster is None
+            )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the store, recover, then run every relay service in one nursery; ready once
@@ -632,6 +708,10 @@ class Relay:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.hub.run)
                 await nursery.start(cluster.run)
+                if self.cluster_events is not None:
+                    await nursery.start(
+                        self.cluster_events.run, cluster.bridge, cluster.link, cluster.connected
+                    )
                 await nursery.start(self.delivery.run_prober)
                 await nursery.start(self.side.run)
                 nursery.start_soon(self._follow_connection, cluster)

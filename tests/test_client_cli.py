@@ -11,7 +11,7 @@ import pytest
 import trio
 from relay_helpers import make_config, running_server
 
-from relay_trio.client import SseEvent, follow_events, send_reports
+from relay_trio.client import SseEvent, describe, follow_events, send_reports
 
 
 async def test_send_over_http_batch_and_tcp_stream(tmp_path: Path) -> None:
@@ -144,3 +144,13 @@ async def test_send_command_exits_cleanly_at_a_batch_multiple_and_on_an_empty_fi
     assert (code, out) == (0, "read 0 reports: nothing to send\n"), err
     assert "Traceback" not in err
     assert admitted == 14
+
+
+def test_tail_lines_name_the_instance_that_produced_the_event() -> None:
+    clustered = SseEvent(
+        "reports", '{"id":7,"topic":"reports","instance":"relay-b","data":{}}', "7"
+    )
+    assert describe(clustered) == f"7 reports @relay-b {clustered.data}"
+    single = SseEvent("reports", '{"id":7,"topic":"reports","data":{}}', "7")
+    assert describe(single) == f"7 reports {single.data}"
+    assert describe(SseEvent("gap", "not json")) == "- gap not json"

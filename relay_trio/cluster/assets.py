@@ -18,6 +18,8 @@ from .names import (
     ADMISSION_BUCKET,
     DEAD_LETTER_STREAM,
     DEAD_LETTER_SUBJECT,
+    EVENTS_STREAM,
+    EVENTS_SUBJECT,
     INFLIGHT_BUCKET,
     MEMBERS_BUCKET,
     REPORTS_STREAM,
@@ -27,6 +29,9 @@ from .names import (
 
 #: Seconds JetStream remembers a ``Nats-Msg-Id`` to drop a duplicate publish.
 DUPLICATE_WINDOW = 120.0
+#: The same for the event stream: every event has an id to remember (the server keeps one
+#: entry per id for the window), and an event's publish is retried within seconds.
+EVENTS_DUPLICATE_WINDOW = 30.0
 
 
 class AssetConflict(Exception):
@@ -50,6 +55,7 @@ class Assets:
     reports: dict[str, Any]
     senders: dict[str, Any]
     dead_letters: dict[str, Any]
+    events: dict[str, Any]
     buckets: dict[str, dict[str, Any]]
 
 
@@ -79,6 +85,19 @@ def wanted(c: RelayConfig) -> Assets:
             "max_msgs": c.max_dead_letters,
             "storage": api.StorageType.FILE,
             "num_replicas": c.nats_replicas,
+        },
+        # The event log: bounded like the single-node ring; the sequence is the event id.
+        # Direct gets let any replica serve the reads of ids older than a mirror.
+        events={
+            "subjects": [f"{EVENTS_SUBJECT}.>"],
+            "retention": api.RetentionPolicy.LIMITS,
+            "max_msgs": c.event_ring_size,
+            "max_bytes": c.event_ring_bytes,
+            "discard": api.DiscardPolicy.OLD,
+            "storage": api.StorageType.FILE,
+            "num_replicas": c.nats_replicas,
+            "duplicate_window": EVENTS_DUPLICATE_WINDOW,
+            "allow_direct": True,
         },
         buckets={
             ADMISSION_BUCKET: {"history": 1, "ttl": None},
@@ -116,7 +135,12 @@ async def ensure_assets(js: JetStreamContext, c: RelayConfig) -> None:
     Raises :class:`AssetConflict` on a contradiction; never modifies an existing asset.
     """
     w = wanted(c)
-    for name, want in ((REPORTS_STREAM, w.reports), (DEAD_LETTER_STREAM, w.dead_letters)):
+    streams = (
+        (REPORTS_STREAM, w.reports),
+        (DEAD_LETTER_STREAM, w.dead_letters),
+        (EVENTS_STREAM, w.events),
+    )
+    for name, want in streams:
         try:
             info = await js.stream_info(name)
         except NotFoundError:

@@ -72,10 +72,12 @@ class AsyncioThread:
             self._token.run_sync_soon(fn)
 
     async def stop(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - bounded join
-        """Stop the loop and join its thread (off the Trio thread, bounded)."""
+        """Cancel the loop's remaining tasks (nats-py's background tasks included; at most
+        1 s for them to end), stop the loop and join its thread (off the Trio thread,
+        bounded)."""
         if self._thread is None:
             return
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        asyncio.run_coroutine_threadsafe(_cancel_all_then_stop(), self.loop)
         thread = self._thread
         await trio.to_thread.run_sync(thread.join, timeout, abandon_on_cancel=True)
         if not thread.is_alive():
@@ -83,5 +85,26 @@ class AsyncioThread:
         self._thread = None
 
 
+async def _cancel_all_then_stop() -> None:
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        done, _ = await asyncio.wait(tasks, timeout=1.0)
+        for task in done:  # retrieved: errors of calls nobody waits for any more
+            if not task.cancelled():
+                task.exception()
+    asyncio.get_running_loop().stop()
+
+
 async def _as_coroutine(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
-    return await fn(*args)
+    try:
+        return await fn(*args)
+    except Exception:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # The Trio caller was cancelled: nobody reads this error (it would be logged
+            # as "never retrieved"), and nats-py turns a cancelled wait into one on close.
+            raise asyncio.CancelledError from None
+        raise

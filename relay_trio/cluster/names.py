@@ -17,6 +17,8 @@ DEAD_LETTER_SUBJECT: Final = "relay.deadletters"
 ADMISSION_BUCKET: Final = "relay_admission"
 INFLIGHT_BUCKET: Final = "relay_inflight"
 MEMBERS_BUCKET: Final = "relay_members"
+EVENTS_STREAM: Final = "RELAY_EVENTS"
+EVENTS_SUBJECT: Final = "relay.events"
 
 
 def token(text: str) -> str:
@@ -37,3 +39,8 @@ def report_subject(resource_id: str) -> str:
 def dead_letter_subject(resource_id: str) -> str:
     """The subject a resource's dead letters are published on."""
     return f"{DEAD_LETTER_SUBJECT}.{token(resource_id)}"
+
+
+def event_subject(topic: str) -> str:
+    """The subject an event of ``topic`` is published on (topics are plain tokens)."""
+    return f"{EVENTS_SUBJECT}.{topic}"

@@ -48,6 +48,8 @@ log = logging.getLogger("relay_trio")
 FETCH_BATCH = 64
 #: Seconds a fetch waits for messages before it returns empty (and checks for shutdown).
 FETCH_WAIT = 0.5
+#: Attempt-history outcomes that were a delivery attempt.
+_SENDS = ("sent", "send_failed")
 
 
 class ClusterUnavailable(StoreError):
@@ -90,6 +92,12 @@ class ClusterNode:
     def __attrs_post_init__(self) -> None:
         if not self.instance_id:
             self.instance_id = self.config.instance_id or default_instance_id()
+
+    @property
+    def link(self) -> Any:
+        """The connected :class:`~relay_trio.cluster.link.NatsLink` (``None`` before ``run``
+        has connected); its ``js`` serves the event log."""
+        return self._link
 
     # -- connection ----------------------------------------------------------------------
 
@@ -212,7 +220,7 @@ class ClusterNode:
             return unavailable(d)
         if not d.admitted:
             m.rejected[d.reason].inc()
-            self.events.publish("drops", {"resource_id": rid, "reason": d.reason})
+            self.events.emit(ev.report_dropped(rid, d.reason))
             retry = self.config.ack_timeout if d.reason == "stale_ack" else d.retry_after
             return Problem(
                 429,
@@ -224,15 +232,7 @@ class ClusterNode:
             )
         message_id = f"{rid}:{d.seq}"
         m.reports_admitted.inc()
-        self.events.publish(
-            "reports",
-            {
-                "message_id": message_id,
-                "resource_id": rid,
-                "kind": kind,
-                "instance": self.instance_id,
-            },
-        )
+        self.events.emit(ev.report_admitted(message_id, rid, kind, None))
         return Accepted(message_id, rid, d.seq)
 
     # -- ACKs ----------------------------------------------------------------------------
@@ -257,16 +257,7 @@ class ClusterNode:
         except Exception as exc:
             raise ClusterUnavailable(type(exc).__name__) from None
         self.metrics.acks[outcome].inc()
-        self.events.publish(
-            "acks",
-            {
-                "message_id": message_id,
-                "status": status,
-                "outcome": outcome,
-                "synchronous": False,
-                **({"reason": reason} if reason else {}),
-            },
-        )
+        self.events.emit(ev.ack_received(message_id, status, outcome, False, reason))
         return str(outcome)
 
     def _backoff(self, attempt: int) -> float:
@@ -338,10 +329,8 @@ class ClusterNode:
                 rid = body["resource_id"]
                 records.append((rid, reply, self._dead_record(body, reason, history_of, now)))
                 self.metrics.dead_letters[reason].inc()
-                self.events.publish(
-                    "deadletter",
-                    {"message_id": body["message_id"], "resource_id": rid, "reason": reason},
-                )
+                made = sum(1 for a in history_of.get(body["message_id"], []) if a[1] in _SENDS)
+                self.events.emit(ev.dead_lettered(body["message_id"], rid, reason, made))
             await self.bridge.call(self._link.dead_letter, records)
         live = sends
         groups: dict[int, list[tuple[Outbound, str, dict[str, Any], int]]] = {}
@@ -362,15 +351,7 @@ class ClusterNode:
                     settle.append((ob.message_id, reply, "ack", None, h))
                     acked.append((ob.resource_id, body["seq"]))
                     self.metrics.acks["acked"].inc()
-                    self.events.publish(
-                        "acks",
-                        {
-                            "message_id": ob.message_id,
-                            "status": "ack",
-                            "outcome": "acked",
-                            "synchronous": True,
-                        },
-                    )
+                    self.events.emit(ev.ack_received(ob.message_id, "ack", "acked", True, None))
                 elif result.status is SendStatus.SENT:
                     self.router.record_success(index, at)
                     settle.append((ob.message_id, reply, "wait", None, [*h, [at, "sent", url]]))

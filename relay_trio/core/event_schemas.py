@@ -187,6 +187,19 @@ SCHEMAS: Final[tuple[EventSchema, ...]] = (
     ),
     EventSchema(
         "system",
+        "Cluster mode: this instance's event outbox overflowed while NATS was unreachable; "
+        "that many of its oldest unpublished events were dropped (published first once "
+        "NATS is back, before the events it kept).",
+        (
+            _kind("events_lost"),
+            Field("instance", "string", "the `instance_id` whose events were lost"),
+            Field("lost", "integer", "events dropped since the last such event"),
+        ),
+        "kind",
+        "events_lost",
+    ),
+    EventSchema(
+        "system",
         "The last event: every SSE stream ends with it (SSE event name `shutdown`).",
         (_kind("shutdown"), Field("reason", "string", "why (signal name, `admin`, `test`...)")),
         "kind",
@@ -330,6 +343,11 @@ def nats_connection(up: bool, instance: str) -> EventData:
     """``system`` ``nats_connected`` / ``nats_disconnected`` (cluster mode)."""
     kind = "nats_connected" if up else "nats_disconnected"
     return EventData("system", {"kind": kind, "instance": instance})
+
+
+def events_lost(instance: str, lost: int) -> EventData:
+    """``system`` ``events_lost`` (cluster mode: the event outbox overflowed)."""
+    return EventData("system", {"kind": "events_lost", "instance": instance, "lost": lost})
 
 
 def shutdown(reason: str) -> EventData:

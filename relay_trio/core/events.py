@@ -82,6 +82,30 @@ def format_sse(event_name: str, data: bytes, id: int | None = None) -> bytes:
     return head + body + b"\n"
 
 
+def envelope(topic: str, at: str, instance: str, data: Mapping[str, Any]) -> bytes:
+    """A cluster event as published to the event stream: ``{"topic","at","instance","data"}``
+    (no id: the stream's sequence becomes it, see :func:`mirrored`).
+
+    Raises ``ValueError`` for an unknown topic and ``TypeError`` (orjson) for data that is
+    not JSON-serialisable, before anything is queued.
+    """
+    if topic not in TOPICS:
+        raise ValueError(f"unknown topic {topic!r}")
+    return orjson.dumps({"topic": topic, "at": at, "instance": instance, "data": data})
+
+
+def mirrored(id: int, topic: str, body: bytes) -> Event:
+    """An event numbered elsewhere (cluster mode: ``id`` is the event stream's sequence).
+
+    ``body`` is the published envelope without its id, ``{"topic":..,"at":..,..}`` (a JSON
+    object from :func:`envelope`); the id is spliced in front, so nothing is decoded or
+    re-encoded. Never raises.
+    """
+    json = b'{"id":%d,' % id + body[1:]
+    sse = b"id: %d\nevent: %s\ndata: %s\n\n" % (id, topic.encode(), json)
+    return Event(id, topic, json, sse, len(json) + len(sse) + EVENT_OVERHEAD)
+
+
 def render_page(page: Page) -> bytes:
     """The ``GET /v1/events`` body ``{"events":[..],"next_after":n,"gap":g}``.
 
@@ -195,6 +219,36 @@ class EventRing:
         if len(events) - self._head > self.max_count or self._bytes > self.max_bytes:
             self._trim()
         return event
+
+    def append(self, event: Event) -> bool:
+        """Add an event numbered elsewhere (the cluster mirror); trim like :meth:`publish`.
+
+        Ids must grow: an event with an id the ring has reached already is ignored (returns
+        False). An id beyond the next one means the ids between are gone for good (deleted
+        from the stream, or trimmed before this ring saw them): the retained events are
+        dropped, so the ring stays a contiguous run of ids and a reader asking for anything
+        older goes to the stream or gets a gap. Raises ``ValueError`` for an unknown topic
+        (ring unchanged). Never blocks; amortised O(1) (O(n) once per hole).
+        """
+        eid = event.id
+        if eid < self._next_id:
+            return False
+        index = self._by_topic.get(event.topic)
+        if index is None:
+            raise ValueError(f"unknown topic {event.topic!r}")
+        if eid > self._next_id:
+            self._events.clear()
+            self._head = 0
+            self._bytes = 0
+            for kept in self._by_topic.values():
+                kept.ids.clear()
+                kept.head = 0
+        self._next_id = eid + 1
+        self._events.append(event)
+        index.ids.append(eid)
+        self._bytes += event.nbytes
+        self._trim()
+        return True
 
     def _trim(self) -> None:
         events = self._events

@@ -29,7 +29,7 @@ from ..core.model import (
     too_large,
     validate_ack,
 )
-from ..services.hub import SubscriberLimit
+from ..services.hub import HistoryUnavailable, SubscriberLimit
 from ..stores.base import StoreError
 from .openapi import openapi_document
 from .params import (
@@ -320,7 +320,13 @@ def create_app(relay: Relay) -> QuartTrio:
                 return problem_response(value)
         assert not isinstance(after, Problem) and isinstance(limit, int)
         assert not isinstance(topic, Problem)
-        page = relay.hub.ring.page(after, limit, topic)
+        try:
+            page = await relay.hub.page(after, limit, topic)
+        except HistoryUnavailable as exc:
+            # Cluster mode: ids older than this instance's mirror are in NATS.
+            return problem_response(
+                Problem(503, "cluster-unavailable", "Event history unreachable", str(exc), {}, 1.0)
+            )
         return Response(render_page(page), status=200, content_type=JSON)
 
     @app.get("/v1/events/stream")
@@ -341,7 +347,7 @@ def create_app(relay: Relay) -> QuartTrio:
         if isinstance(last_id, Problem):
             return problem_response(last_id)
         try:
-            subscription = relay.hub.subscribe(
+            subscription = await relay.subscribe_events(
                 None if topic is None else frozenset({topic}), last_id
             )
         except SubscriberLimit as exc:

@@ -152,12 +152,15 @@ _DOCS: Final[dict[tuple[str, str], dict[str, Any]]] = {
     },
     ("GET", "/v1/events"): {
         "summary": "Event log, paged",
+        "description": "Cluster mode: ids older than this instance's mirror are read from "
+        "the event stream; 503 ``cluster-unavailable`` when NATS cannot be reached for them.",
         "parameters": ["after", "limit", "topic"],
         "responses": {
             "200": _json("page", _ref("EventPage")),
             "401": _PROBLEM,
             "403": _PROBLEM,
             "422": _PROBLEM,
+            "503": _PROBLEM_RETRY,
         },
     },
     ("GET", "/v1/events/stream"): {

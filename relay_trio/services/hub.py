@@ -21,23 +21,27 @@ come from the flusher task too (the subscriber list is kept in last-write order)
 the per-write path has no cancel scope: a deadline per receive cost ~15 us, more than
 10% of an SSE write on this stack.
 
+In cluster mode the ring is a mirror of the shared event stream: events arrive numbered
+(:meth:`EventHub.publish_event`), and ids older than the ring are read from the stream
+through the :class:`OlderEvents` port, for pages and for SSE resumption alike.
+
 Longer than 400 lines: one fan-out engine (coalescing, per-subscriber buffers,
-heartbeats, overflow) whose parts share the subscriber table.
+heartbeats, overflow, resumption) whose parts share the subscriber table.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import attrs
 import orjson
 import trio
 
 from ..core.event_schemas import overflow, shutdown
-from ..core.events import TOPICS, Event, EventRing, format_sse
+from ..core.events import TOPICS, Event, EventRing, Page, format_sse
 from ..core.model import Problem
 
 HEARTBEAT: Final = b": heartbeat\n\n"
@@ -51,6 +55,20 @@ JOIN_LIMIT: Final = 1024 * 1024
 # Joined SSE frames and how many events they hold.
 _Chunk = tuple[bytes, int]
 _Filter = frozenset[str] | None
+
+
+class HistoryUnavailable(Exception):
+    """Events older than the ring exist but cannot be read now (cluster: no NATS)."""
+
+
+class OlderEvents(Protocol):
+    """Where events older than the ring are read (cluster mode: the event stream)."""
+
+    async def page(self, after: int, limit: int, topic: str | None, before: int) -> Page:
+        """Up to ``limit`` events with ``after < id < before`` (oldest first), with
+        :meth:`EventRing.page`'s ``gap`` and ``next_after`` meaning. A checkpoint; raises
+        :class:`HistoryUnavailable` when the store of older events cannot be reached."""
+        ...
 
 
 @attrs.define(eq=False)
@@ -179,13 +197,19 @@ class Subscription:
         state = self._state
         receive = self._receive
         try:
-            if self._resume_after is not None:
-                for chunk in self._replay(self._resume_after):
-                    if chunk:
-                        yield chunk
-                        hub._wrote(state)
-                    else:
-                        await trio.lowlevel.checkpoint()
+            cursor = self._resume_after
+            while cursor is not None and cursor < self._replay_until:
+                try:
+                    chunk, cursor = await self._replay_page(cursor)
+                except HistoryUnavailable:
+                    # Ending the stream makes the client reconnect with its last id; a
+                    # gap event here would tell it events it can still get were lost.
+                    return
+                if chunk:
+                    yield chunk
+                    hub._wrote(state)
+                else:
+                    await trio.lowlevel.checkpoint()
             while True:
                 try:
                     data, n = await receive.receive()
@@ -214,29 +238,32 @@ class Subscription:
         finally:
             self.close()
 
-    def _replay(self, after: int) -> Iterator[bytes]:
-        # Reads the ring page by page (each page copies at most REPLAY_PAGE events) and
-        # yields each page's frames joined, b"" for a page with nothing for this filter.
-        # Synchronous, so the caller needs no aclosing() and yields outside any scope.
-        ring = self._hub.ring
+    async def _replay_page(self, cursor: int) -> tuple[bytes, int]:
+        # One page after `cursor`, from the ring or (ids it no longer holds) from `older`,
+        # as joined SSE frames (b"" when nothing matches the filter) and the next cursor.
+        # The source is chosen right before the synchronous ring read, so ids the ring
+        # drops while a stream page is fetched are fetched from the stream next time.
+        hub = self._hub
+        ring = hub.ring
         topics = self._state.topics
         single = next(iter(topics)) if topics is not None and len(topics) == 1 else None
         until = self._replay_until
-        cursor = after
-        while cursor < until:
+        if hub.older is not None and cursor < ring.first_id - 1:
+            before = min(ring.first_id, until + 1)
+            page = await hub.older.page(cursor, REPLAY_PAGE, single, before)
+        else:
             page = ring.page(cursor, REPLAY_PAGE, single)
-            frames: list[bytes] = []
-            # Ids above `until` that left the ring were delivered live, not missed.
-            missed = min(page.gap, until - cursor)
-            if missed > 0:
-                frames.append(format_sse("gap", orjson.dumps({"missed": missed})))
-            for event in page.events:
-                if event.id > until:
-                    break
-                if topics is None or event.topic in topics:
-                    frames.append(event.sse)
-            cursor = page.next_after
-            yield b"".join(frames)
+        frames: list[bytes] = []
+        # Ids above `until` that left the ring were delivered live, not missed.
+        missed = min(page.gap, until - cursor)
+        if missed > 0:
+            frames.append(format_sse("gap", orjson.dumps({"missed": missed})))
+        for event in page.events:
+            if event.id > until:
+                break
+            if topics is None or event.topic in topics:
+                frames.append(event.sse)
+        return b"".join(frames), page.next_after
 
 
 @attrs.define(eq=False)
@@ -269,6 +296,8 @@ class EventHub:
     max_batch: int = attrs.field(default=512, kw_only=True)
     #: ``Retry-After`` hint for refused subscribers, seconds.
     retry_after: float = attrs.field(default=5.0, kw_only=True)
+    #: Cluster mode: where ids older than the ring (the mirror) are read.
+    older: OlderEvents | None = attrs.field(default=None, kw_only=True)
 
     published: int = attrs.field(init=False, default=0)
     overflowed: int = attrs.field(init=False, default=0)
@@ -289,6 +318,8 @@ class EventHub:
     _full: trio.Event = attrs.field(init=False, factory=trio.Event)
     _joined: trio.Event = attrs.field(init=False, factory=trio.Event)
     _closed: bool = attrs.field(init=False, default=False)
+    # Set (and replaced) by publish_event while a resuming subscriber waits for an id.
+    _advanced: trio.Event | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         if self.heartbeat_interval <= 0 or self.coalesce_interval < 0 or self.sse_write_budget <= 0:
@@ -332,6 +363,83 @@ class EventHub:
                 if n >= 4 * self.max_batch:
                     self._flush()
         return event
+
+    def publish_event(self, event: Event) -> bool:
+        """Cluster mirror: append an event numbered by the event stream and queue it for
+        live delivery (see :meth:`EventRing.append`; False if its id was already reached).
+        Ids skipped since the previous event reach live subscribers as a ``gap`` frame.
+
+        Synchronous, never blocks; raises ``ValueError`` for an unknown topic.
+        """
+        last = self.ring.last_id
+        if not self.ring.append(event):
+            return False
+        self.published += 1
+        if last and event.id > last + 1 and self._subs:
+            self._missed(event.id - last - 1)
+        if self._advanced is not None:
+            self._advanced.set()
+            self._advanced = None
+        if self._subs:
+            pending = self._pending
+            pending.append(event)
+            n = len(pending)
+            if n == 1:
+                self._wake.set()
+            elif n >= self.max_batch:
+                self._full.set()
+                if n >= 4 * self.max_batch:
+                    self._flush()
+        return True
+
+    def _missed(self, n: int) -> None:
+        # The mirror skipped ids (gone from the stream before it saw them): live streams
+        # get a gap frame where they are, as a resumption would.
+        self._flush()
+        frame = format_sse("gap", orjson.dumps({"missed": n}))
+        for sub in list(self._subs):
+            self._deliver(sub, (frame, 0, sub.last_id))
+
+    async def wait_for(self, event_id: int, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until the ring has reached ``event_id`` (at most ``timeout`` seconds).
+
+        Cluster mode: a client resuming with an id another instance gave it may be a few
+        milliseconds ahead of this instance's mirror; subscribing before the mirror has the
+        id would treat it as no resume point and send those events again. A checkpoint;
+        returns whether the id was reached.
+        """
+        with trio.move_on_after(timeout):
+            while self.ring.last_id < event_id:
+                if self._advanced is None:
+                    self._advanced = trio.Event()
+                await self._advanced.wait()
+        await trio.lowlevel.checkpoint()
+        return self.ring.last_id >= event_id
+
+    async def page(self, after: int | None, limit: int, topic: str | None = None) -> Page:
+        """``GET /v1/events``: :meth:`EventRing.page`, except that ids older than the ring
+        are read through :attr:`older` when there is one (cluster mode), so a page is the
+        same on every instance. A checkpoint only when it reads older events; raises
+        :class:`HistoryUnavailable` then if they cannot be read, and like ``ring.page``.
+        """
+        ring = self.ring
+        if self.older is None or after is None or after >= ring.first_id - 1:
+            return ring.page(after, limit, topic)
+        events: list[Event] = []
+        gap = 0
+        cursor = after
+        while len(events) < limit:
+            if cursor < ring.first_id - 1:
+                part = await self.older.page(cursor, limit - len(events), topic, ring.first_id)
+            else:
+                part = ring.page(cursor, limit - len(events), topic)
+            events += part.events
+            gap += part.gap
+            if part.next_after <= cursor or part.next_after >= ring.last_id:
+                cursor = max(cursor, part.next_after)
+                break
+            cursor = part.next_after
+        return Page(events, cursor, gap)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The hub's tasks: leading-edge throttled delivery and heartbeats.
@@ -528,9 +636,13 @@ class EventHub:
             return len(self._subs)
         return self._topic_counts[topic]
 
-    def close(self, reason: str, at: str) -> Event | None:
+    def close(self, reason: str, at: str, *, numbered: bool = True) -> Event | None:
         """Graceful shutdown: deliver pending events, then a ``system`` shutdown event to
         every subscriber (SSE ``event: shutdown``, with its id), and end their streams.
+
+        ``numbered=False`` (cluster mode, where ids belong to the shared stream): the
+        frame has no ``id:`` line and the event is not kept in the ring, so a client
+        resuming elsewhere with its last id misses nothing. Returns ``None`` then.
 
         Synchronous, never blocks. The event's data is ``{"kind": "shutdown", "reason":
         reason}`` (:func:`~relay_trio.core.event_schemas.shutdown`) and is also kept in the ring. Later subscribes raise
@@ -541,10 +653,15 @@ class EventHub:
             return None
         self._flush()
         final = shutdown(reason)
-        event = self.ring.publish(final.topic, final.data, at)
-        self.published += 1
+        event: Event | None = None
+        if numbered:
+            event = self.ring.publish(final.topic, final.data, at)
+            self.published += 1
+            frame = format_sse("shutdown", event.json, event.id)
+        else:
+            body = orjson.dumps({"topic": final.topic, "at": at, "data": final.data})
+            frame = format_sse("shutdown", body)
         self._closed = True
-        frame = format_sse("shutdown", event.json, event.id)
         for sub in list(self._subs):
             sub.end = frame
             self._unregister(sub)

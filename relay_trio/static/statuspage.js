@@ -91,6 +91,8 @@
     try { ev = JSON.parse(raw); } catch (_) { ev = { data: raw }; }
     const data = ev.data !== undefined ? ev.data : ev;
     const at = typeof ev.at === 'string' ? ev.at : null;
+    // Cluster mode: every event names the relay instance that produced it.
+    const instance = typeof ev.instance === 'string' ? ev.instance : null;
     const sec = at ? Math.floor(Date.parse(at) / 1000) : nowSec();
     const b = bucket(sec);
     b[S.events]++;
@@ -111,7 +113,7 @@
       } else if (data.kind === 'draining') setState('draining', 'draining');
       else if (data.kind === 'shutdown') setState('stopped', 'relay shut down');
     }
-    log.push({ id, topic, at, data });
+    log.push({ id, topic, at, instance, data });
     if (log.length > LOG_KEEP * 1.5) log.splice(0, log.length - LOG_KEEP);
     logDirty = true;
   }
@@ -376,12 +378,18 @@
       const e = log[i];
       if (topic && e.topic !== topic) continue;
       const json = e.json || (e.json = JSON.stringify(e.data));
-      if (text && !json.toLowerCase().includes(text) && !e.topic.includes(text)) continue;
+      if (text && !json.toLowerCase().includes(text) && !e.topic.includes(text)
+          && !(e.instance && e.instance.toLowerCase().includes(text))) continue;
       const d = document.createElement('div');
       const t = document.createElement('span'); t.className = 't';
       t.textContent = (e.at ? e.at.slice(11, 23) : '            ') + ' ' + (e.id === null ? '' : '#' + e.id) + ' ';
       const k = document.createElement('span'); k.className = 'topic-' + e.topic; k.textContent = e.topic + ' ';
-      d.append(t, k, document.createTextNode(json));
+      d.append(t, k);
+      if (e.instance) {
+        const n = document.createElement('span'); n.className = 'instance'; n.textContent = '@' + e.instance + ' ';
+        d.append(n);
+      }
+      d.append(document.createTextNode(json));
       out.push(d);
     }
     $('log').replaceChildren(...out);
