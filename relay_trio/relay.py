@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from contextlib import aclosing
+from contextlib import AbstractContextManager, aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
@@ -309,6 +309,11 @@ class Relay:
         if self.cluster is not None:
             return Problem(503, "cluster-mode", "Use the HTTP doors in cluster mode")
         return self.admission.admit(obj)
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Admissions inside the block are staged as one change set when it ends (see
+        :meth:`Admission.batch`); front doors wrap a batch request or a stream read in it."""
+        return self.admission.batch()
 
     async def admit_cluster(self, objs: list[object]) -> list[Accepted | Problem]:
         """Cluster mode: admit ``objs`` cluster-wide; each ``Accepted`` is already stored."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -119,6 +120,9 @@ class FakeAdmitter:
         if self.limit_every and n % self.limit_every == 0:
             return Problem(429, "rate-limited", "Too many reports", retry_after=30.0)
         return Accepted(f"{report.resource_id}:{n}", report.resource_id, n)
+
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     async def durable(self) -> None:
         await trio.lowlevel.checkpoint()

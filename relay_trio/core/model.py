@@ -5,6 +5,7 @@ Everything here is an immutable value (``attrs.frozen``) with no I/O.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any, Final, NamedTuple, Protocol
 
 import attrs
@@ -241,6 +242,11 @@ class Admitter(Protocol):
     """
 
     def admit(self, obj: object) -> Accepted | Problem: ...
+
+    def batch(self) -> AbstractContextManager[None]:
+        """A block whose admissions are stored together (one store call for a whole read
+        or batch request); enter it around a synchronous run of ``admit`` calls."""
+        ...
 
     async def durable(self) -> None:
         """Wait until everything admitted so far is stored (await before any 2xx reply)."""

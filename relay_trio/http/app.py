@@ -202,6 +202,28 @@ def create_app(relay: Relay) -> QuartTrio:
             return response
         return problem_response(result)
 
+    def admit_lines(
+        lines: list[tuple[int, bytes]],
+        results: list[tuple[int, Accepted | Problem]],
+        clustered: list[tuple[int, object]],
+    ) -> None:
+        """Decode and admit each batch line in order into ``results``; in cluster mode the
+        decoded reports go to ``clustered`` (their results are decided in one call)."""
+        for number, line in lines:
+            if len(line) > config.max_body_bytes:
+                result: Accepted | Problem = too_large(config.max_body_bytes)
+                count_refused("too_large")
+            else:
+                obj = decode_json(line)
+                if isinstance(obj, Problem):
+                    count_refused("malformed")
+                if relay.cluster is not None and not isinstance(obj, Problem):
+                    clustered.append((len(results), obj))
+                    result = Problem(503, "cluster-pending", "Not decided yet")
+                else:
+                    result = obj if isinstance(obj, Problem) else relay.admit(obj)
+            results.append((number, result))
+
     @app.post("/v1/reports:batch")
     async def post_batch() -> Response:
         body = await authorized_body("ingest", config.batch_max_bytes)
@@ -222,20 +244,8 @@ def create_app(relay: Relay) -> QuartTrio:
             )
         results: list[tuple[int, Accepted | Problem]] = []
         clustered: list[tuple[int, object]] = []
-        for number, line in lines:
-            if len(line) > config.max_body_bytes:
-                result: Accepted | Problem = too_large(config.max_body_bytes)
-                count_refused("too_large")
-            else:
-                obj = decode_json(line)
-                if isinstance(obj, Problem):
-                    count_refused("malformed")
-                if relay.cluster is not None and not isinstance(obj, Problem):
-                    clustered.append((len(results), obj))
-                    result = Problem(503, "cluster-pending", "Not decided yet")
-                else:
-                    result = obj if isinstance(obj, Problem) else relay.admit(obj)
-            results.append((number, result))
+        with relay.batch():  # one store change set for the whole request
+            admit_lines(lines, results, clustered)
         if clustered:
             # Cluster mode: one bridged call admits and stores every line (in order).
             answers = await relay.admit_cluster([obj for _, obj in clustered])

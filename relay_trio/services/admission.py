@@ -10,7 +10,8 @@ the resource's cached payload (latest wins).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 import attrs
@@ -29,6 +30,7 @@ from ..stores.base import (
     Changes,
     IdempotencyRecord,
     MessageRecord,
+    Op,
     ResourceRecord,
     Store,
     Ticket,
@@ -63,6 +65,8 @@ class Admission:
     draining: bool = attrs.field(init=False, default=False)
     _side_enabled: bool = attrs.field(init=False, default=False)
     _ticket: Ticket | None = attrs.field(init=False, default=None)
+    #: Operations of the admissions inside batch(), staged together when it ends.
+    _batch_ops: list[Op] | None = attrs.field(init=False, default=None)
     _replays: Tally = attrs.field(init=False)
     _mismatches: Tally = attrs.field(init=False)
 
@@ -251,43 +255,75 @@ class Admission:
         now: float,
         trace: TraceContext,
     ) -> None:
-        # The hot path of every admission: records built positionally, one change set.
+        # The hot path of every admission: records built positionally, one change set
+        # (or a share of the batch's one, inside batch()).
         if not self.store.keeps_rows:
             if changes is not None:  # an idempotency key still goes to the store
-                self._ticket = self.store.stage(changes)
+                self._stage_ops(changes.ops)
             return
-        if changes is None:
-            changes = Changes()
         offset = self.wall_clock() - now
         rid = state.resource_id
         acked = state.last_acked_at
+        resource = ResourceRecord(
+            rid,
+            state.seq,
+            state.level,
+            state.last + offset,
+            None if acked is None else acked + offset,
+            state.acked_seq,
+        )
+        message = MessageRecord(
+            message_id,
+            rid,
+            state.seq,
+            kind,
+            orjson.dumps(payload),
+            now + offset,
+            (),
+            None,
+            upstream,
+            trace_meta(trace),
+        )
+        if changes is None and not isinstance(superseded, str):
+            self._stage_ops([resource, message])
+            return
+        if changes is None:
+            changes = Changes()
         if isinstance(superseded, str):
             changes.delete_message(superseded)
-        changes.put_resource(
-            ResourceRecord(
-                rid,
-                state.seq,
-                state.level,
-                state.last + offset,
-                None if acked is None else acked + offset,
-                state.acked_seq,
-            )
-        )
-        changes.put_message(
-            MessageRecord(
-                message_id,
-                rid,
-                state.seq,
-                kind,
-                orjson.dumps(payload),
-                now + offset,
-                (),
-                None,
-                upstream,
-                orjson.dumps({"trace": trace.to_meta()}),
-            )
-        )
-        self._ticket = self.store.stage(changes)
+        changes.ops += (resource, message)
+        self._stage_ops(changes.ops)
+
+    def _stage_ops(self, ops: list[Op]) -> None:
+        batch = self._batch_ops
+        if batch is None:
+            self._ticket = self.store.stage(Changes(ops))
+        else:
+            batch += ops
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Stage every admission made inside the block as ONE change set when it ends (one
+        store call and one ticket for a whole batch request or stream read, not one per
+        report). For a synchronous block: no checkpoint inside. Anything else staged meanwhile
+        (an eviction) first flushes what the block admitted so far, so the store sees every
+        operation in the order it happened. :meth:`durable` after the block covers it all.
+        """
+        if self._batch_ops is not None:  # nested: the outer block stages
+            yield
+            return
+        self._batch_ops = []
+        try:
+            yield
+        finally:
+            self._flush_batch()
+            self._batch_ops = None
+
+    def _flush_batch(self) -> None:
+        ops = self._batch_ops
+        if ops:
+            self._ticket = self.store.stage(Changes(ops))
+            self._batch_ops = []
 
     def _reject(self, state: ResourceState, reason: str, retry_after: float) -> Problem:
         state.rejected += 1
@@ -309,7 +345,22 @@ class Admission:
         them in the store (their sequence raises the store's floor)."""
         evicted = self.resources.take_evicted()
         if evicted:
+            self._flush_batch()  # the forgetting must come after what was admitted
             forget(evicted, "evicted", self.delivery, self.store, self.metrics)
+
+
+def trace_meta(trace: TraceContext) -> bytes:
+    """A message's stored ``meta``: ``{"trace": <TraceContext.to_meta()>}`` as JSON.
+
+    The common shape (the relay's own trace ids, no ``tracestate``) is formatted directly:
+    one is built per admitted report."""
+    if trace.tracestate is None and trace.parent_id is not None:
+        return b'{"trace":{"trace_id":"%s","flags":"%s","parent_id":"%s"}}' % (
+            trace.trace_id.encode(),
+            trace.flags.encode(),
+            trace.parent_id.encode(),
+        )
+    return orjson.dumps({"trace": trace.to_meta()})
 
 
 def forget(

@@ -35,7 +35,15 @@ from ..core.routing import HealthPolicy, UpstreamRouter
 from ..core.umh import AckOutcome, Attempt, DeadLetter, Due, RetryPolicy, UnconfirmedMessages
 from ..core.webhooks import TraceContext
 from ..metrics import RelayMetrics, Tally
-from ..stores.base import AttemptRecord, Changes, MessageRecord, ResourceRecord, Store
+from ..stores.base import (
+    AttemptRecord,
+    Changes,
+    DeleteMessage,
+    MessageRecord,
+    Op,
+    ResourceRecord,
+    Store,
+)
 from ..tracing import start_trace
 from ..upstreams.base import Outbound, SendResult, SendStatus, Upstream
 from .deadletters import DeadLetterBook
@@ -232,6 +240,8 @@ class Delivery:
         router = self.router
         tallies = self._send_tallies
         woke = False
+        # The synchronous ACKs' store operations, staged as one change set at the end.
+        acked: list[Op] = []
         for message, result in zip(batch, results, strict=True):
             index, status = message.upstream, result.status
             tally = tallies.get((index, status))
@@ -261,10 +271,14 @@ class Delivery:
             if router.record_success(index, now):
                 self.events.emit(ev.upstream_up(router.urls[index]))
             if status is SendStatus.ACKED:
-                self._acknowledged(message.message_id, "ack", None, None, now, synchronous=True)
+                self._acknowledged(
+                    message.message_id, "ack", None, None, now, synchronous=True, ops=acked
+                )
             else:
                 self.umh.sent(message.message_id, now)
                 woke = True
+        if acked:
+            self.store.stage(Changes(acked))
         if woke:
             self.scheduler.wake()
 
@@ -277,7 +291,10 @@ class Delivery:
         now: float,
         *,
         synchronous: bool,
+        ops: list[Op] | None = None,
     ) -> str:
+        """Feed one ACK or NACK to the UMH and stage what it changed. An ACK's store
+        operations go to ``ops`` when given (the caller stages them), else are staged now."""
         if status == "ack":
             outcome = self.umh.ack(message_id, now)
         else:
@@ -301,11 +318,12 @@ class Delivery:
                 if state.payload_seq == seq:
                     state.payload = None
             if self.store.keeps_rows:
-                changes = Changes()
-                changes.delete_message(message_id)
+                staged = [] if ops is None else ops
+                staged.append(DeleteMessage(message_id))
                 if state is not None:
-                    changes.put_resource(resource_record(state, self._wall_offset(now)))
-                self.store.stage(changes)
+                    staged.append(resource_record(state, self.wall_clock() - now))
+                if ops is None:
+                    self.store.stage(Changes(staged))
         elif outcome is AckOutcome.DEAD:
             dead = self.umh.dead_letters.get(message_id)
             if dead is not None:

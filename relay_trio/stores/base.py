@@ -31,8 +31,10 @@ __all__ = [
     "DeadLetterQuery",
     "DeadLetterRecord",
     "DeleteIdempotencyKeys",
+    "DeleteMessage",
     "IdempotencyRecord",
     "MessageRecord",
+    "Op",
     "Recovered",
     "ResourceRecord",
     "Store",
@@ -189,15 +191,22 @@ Op = (
 )
 
 
-@attrs.define(eq=False)
 class Changes:
     """An ordered set of operations, applied in order and atomically by one commit.
 
     A builder: each method appends one operation and returns nothing; nothing is validated
-    against the store's contents (deleting something absent is a no-op).
+    against the store's contents (deleting something absent is a no-op). Hot paths may
+    pass the operations at once (``Changes([op, ...])``). A plain class with slots: two
+    are built per admitted report.
     """
 
-    ops: list[Op] = attrs.field(factory=list)
+    __slots__ = ("ops",)
+
+    def __init__(self, ops: list[Op] | None = None) -> None:
+        self.ops: list[Op] = [] if ops is None else ops
+
+    def __repr__(self) -> str:
+        return f"Changes({self.ops!r})"
 
     def put_resource(self, r: ResourceRecord) -> None:
         """Insert or replace the resource row ``r.resource_id``."""

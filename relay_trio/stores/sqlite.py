@@ -123,7 +123,9 @@ class SqliteStore:
             staged.append(batch)
         batch.changes.append(changes)
         self._backlog += 1
-        self._wake.set()
+        wake = self._wake
+        if not wake.is_set():
+            wake.set()
         self._last_ticket = batch.ticket
         return batch.ticket
 

@@ -16,7 +16,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import attrs
 import orjson
@@ -141,13 +141,8 @@ _PUT_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
 _PUT_IDEMPOTENCY = "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)"
 _DELETE_IDEMPOTENCY = "DELETE FROM idempotency WHERE key = ?"
 
-ResourceRow = tuple[str, int, float, float, float | None, int]
 MessageRow = tuple[str, str, int, str | None, bytes, float, bytes, float | None, str, bytes]
 DeadLetterRow = tuple[int, str, str, int, str | None, bytes, str, str, float, float, bytes]
-
-
-def _resource_row(r: ResourceRecord) -> ResourceRow:
-    return (r.resource_id, r.seq, r.level, r.last, r.last_acked_at, r.acked_seq)
 
 
 def _message_row(m: MessageRecord) -> MessageRow:
@@ -375,9 +370,18 @@ class SqliteFile:
         runs: list[tuple[bool, list[DeadLetterRow] | list[tuple[str]]]] = []
         for changes in batch:
             for op in changes.ops:
-                if isinstance(op, MessageRecord):
+                # Most frequent first: every admission stages a resource and a message,
+                # every ACK a message delete and a resource.
+                if isinstance(op, ResourceRecord):
+                    resources[op.resource_id] = op
+                elif isinstance(op, MessageRecord):
                     messages[op.message_id] = op
-                    updates.pop(op.message_id, None)
+                    if updates:
+                        updates.pop(op.message_id, None)
+                elif isinstance(op, DeleteMessage):
+                    messages[op.message_id] = None
+                    if updates:
+                        updates.pop(op.message_id, None)
                 elif isinstance(op, UpdateMessage):
                     mid = op.message_id
                     if mid in messages:
@@ -386,11 +390,6 @@ class SqliteFile:
                             messages[mid] = written._replace(attempts=op.attempts, due_at=op.due_at)
                     else:
                         updates[mid] = (attempts_to_json(op.attempts), op.due_at, mid)
-                elif isinstance(op, ResourceRecord):
-                    resources[op.resource_id] = op
-                elif isinstance(op, DeleteMessage):
-                    messages[op.message_id] = None
-                    updates.pop(op.message_id, None)
                 elif isinstance(op, DeleteResource):
                     resources[op.resource_id] = None
                     meta[SEQ_FLOOR] = max(meta.get(SEQ_FLOOR, 0), op.seq)
@@ -419,9 +418,19 @@ class SqliteFile:
             conn.execute("BEGIN")
             try:
                 if resources:
-                    self._write(conn, _DELETE_RESOURCE, _PUT_RESOURCE, resources, _resource_row)
+                    # A ResourceRecord is already its row (same fields, same order).
+                    self._write(conn, _DELETE_RESOURCE, _PUT_RESOURCE, resources, None)
                 if messages:
-                    self._write(conn, _DELETE_MESSAGE, _PUT_MESSAGE, messages, _message_row)
+                    # A message admitted and settled within this batch never reaches the
+                    # file: only ids the file holds need a DELETE.
+                    in_file = self._message_ids
+                    self._write(
+                        conn,
+                        _DELETE_MESSAGE,
+                        _PUT_MESSAGE,
+                        {k: v for k, v in messages.items() if v is not None or k in in_file},
+                        _message_row,
+                    )
                 if updates:
                     conn.executemany(_UPDATE_MESSAGE, updates.values())
                 if keys:
@@ -475,12 +484,17 @@ class SqliteFile:
         delete_sql: str,
         put_sql: str,
         latest: dict[str, _R | None],
-        row: Callable[[_R], tuple[object, ...]],
+        row: Callable[[_R], tuple[object, ...]] | None,
     ) -> None:
+        """Delete the keys mapped to ``None``, upsert the others (``row`` turns a record
+        into its row; ``None`` when the record already is one)."""
         deletes = [(k,) for k, v in latest.items() if v is None]
         if deletes:
             conn.executemany(delete_sql, deletes)
-        puts = [row(v) for v in latest.values() if v is not None]
+        if row is None:
+            puts: list[Any] = [v for v in latest.values() if v is not None]
+        else:
+            puts = [row(v) for v in latest.values() if v is not None]
         if puts:
             conn.executemany(put_sql, puts)
 
