@@ -545,13 +545,13 @@ class Relay:
         c = self.config
         self._stop_admitting()
         self.events.emit(ev.draining(c.shutdown_flush))
+        if receiver is not None:
+            await receiver.drain(c.receiver_drain_budget)
         if self.cluster is not None:
             # Unacknowledged messages stay in JetStream for the other instances.
             await self.cluster.drain()
             await self.side.drain(c.side_timeout)
             return
-        if receiver is not None:
-            await receiver.drain(c.receiver_drain_budget)
         self.delivery.close_sends()
         await self.delivery.senders_done.wait()
         await self.side.drain(c.side_timeout)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,12 +14,8 @@ import orjson
 import pytest
 import trio
 from fake_upstream import Behaviour, run_fake_upstream
-from nats_helpers import NatsServer, running_nats
-from relay_helpers import MemoryUpstream, eventually, make_config, relay_subprocess
-
-from relay_trio.relay import Relay
-from relay_trio.server import RelayServer
-from relay_trio.upstreams.base import Upstream
+from nats_helpers import NatsServer, instances, running_nats
+from relay_helpers import eventually, relay_subprocess
 
 pytestmark = pytest.mark.slow
 
@@ -27,47 +23,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     yield from running_nats(tmp_path)
-
-
-def cluster_config(tmp_path: Path, nats: NatsServer, name: str, **overrides: Any) -> Any:
-    base: dict[str, Any] = {
-        "store": "nats",
-        "nats_url": nats.url,
-        "instance_id": name,
-        "upstreams": ["http://upstream.invalid/"],
-        "ack_timeout": 1.0,
-        "retry_base": 0.2,
-        "retry_cap": 1.0,
-        "nats_heartbeat": 0.5,
-    }
-    base.update(overrides)
-    return make_config(tmp_path / name, **base)
-
-
-def _fixed(up: MemoryUpstream) -> Callable[[str, float], Upstream]:
-    return lambda _url, _deadline: up
-
-
-@asynccontextmanager
-async def instances(
-    tmp_path: Path, nats: NatsServer, names: list[str], mode: str = "ack", **overrides: Any
-) -> AsyncIterator[list[tuple[RelayServer, httpx.AsyncClient, MemoryUpstream]]]:
-    out: list[tuple[RelayServer, httpx.AsyncClient, MemoryUpstream]] = []
-    async with trio.open_nursery() as nursery:
-        for name in names:
-            up = MemoryUpstream("http://upstream.invalid/", mode)
-            config = cluster_config(tmp_path, nats, name, **overrides)
-            relay = Relay(config, upstream_factory=_fixed(up))
-            server = RelayServer(config, relay)
-            urls = await nursery.start(server.serve)
-            client = httpx.AsyncClient(base_url=urls[0], timeout=10)
-            out.append((server, client, up))
-        try:
-            yield out
-        finally:
-            for server, client, _ in out:
-                await client.aclose()
-                server.relay.request_shutdown("test")
 
 
 async def test_one_bucket_and_unique_ids_across_two_instances(
