@@ -320,6 +320,14 @@ class Relay:
             else dead_letter_view(state.last_dead_letter, wall_of),
         }
 
+    async def resource_view_any(self, resource_id: str) -> dict[str, Any] | None:
+        """``GET /v1/resources/{id}``: :meth:`resource_view`, or in cluster mode the view
+        built from the cluster's state (:meth:`ClusterNode.resource_view`). A checkpoint in
+        cluster mode; raises ``StoreError`` there when NATS cannot be reached."""
+        if self.cluster is not None:
+            return await self.cluster.resource_view(resource_id)
+        return self.resource_view(resource_id)
+
     async def dead_letter_page(self, query: DeadLetterQuery) -> dict[str, Any]:
         """``GET /v1/deadletters``: stored dead letters matching ``query``, oldest first."""
         if self.cluster is not None:
@@ -328,7 +336,10 @@ class Relay:
         return page_view(page, self.store.stats().dead_letters_pruned)
 
     async def redrive(self, request: RedriveRequest) -> dict[str, Any]:
-        """``POST /v1/deadletters:redrive``: see :func:`relay_trio.services.redrive.redrive`."""
+        """``POST /v1/deadletters:redrive``: see :func:`relay_trio.services.redrive.redrive`
+        (cluster mode: :meth:`ClusterNode.redrive`)."""
+        if self.cluster is not None:
+            return await self.cluster.redrive(request)
         return await redrive(request, self.store, self.delivery, self.resources, self.events)
 
     def expose_front_door(
