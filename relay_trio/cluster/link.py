@@ -42,6 +42,8 @@ from .names import (
 
 #: Seconds one JetStream request (publish ack, KV op) may take before it fails.
 REQUEST_TIMEOUT = 2.0
+#: Seconds the first connection may take at start before the instance gives up.
+START_TIMEOUT = 5.0
 #: JetStream's error code for a failed ``Nats-Expected-Last-Subject-Sequence`` check.
 WRONG_LAST_SEQUENCE = 10071
 
@@ -121,17 +123,28 @@ class NatsLink:
         async def error(_exc: Exception) -> None:
             return None
 
-        self.nc = await nats.connect(
-            servers=[s.strip() for s in c.nats_url.split(",") if s.strip()],
-            name=f"relay-trio {self.instance_id}",
-            connect_timeout=REQUEST_TIMEOUT,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
-            allow_reconnect=True,
-            disconnected_cb=disconnected,
-            reconnected_cb=reconnected,
-            error_cb=error,
-        )
+        self.nc = Client()
+        try:
+            # With unlimited reconnects nats-py retries a failed first connection forever:
+            # bound it, so an instance that cannot reach NATS at start says so and exits.
+            await asyncio.wait_for(
+                self.nc.connect(
+                    servers=[s.strip() for s in c.nats_url.split(",") if s.strip()],
+                    name=f"relay-trio {self.instance_id}",
+                    connect_timeout=REQUEST_TIMEOUT,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    allow_reconnect=True,
+                    disconnected_cb=disconnected,
+                    reconnected_cb=reconnected,
+                    error_cb=error,
+                ),
+                START_TIMEOUT,
+            )
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), REQUEST_TIMEOUT)
+            raise ConnectionError(f"no server answered within {START_TIMEOUT:g} s") from None
         self.js = self.nc.jetstream(timeout=int(REQUEST_TIMEOUT))
         await ensure_assets(self.js, c)
         self.admission = CasAdmission(
