@@ -123,24 +123,23 @@ class NatsLink:
         async def error(_exc: Exception) -> None:
             return None
 
+        # nats-py annotates the timeouts as int but takes seconds as float.
+        options: dict[str, Any] = {
+            "servers": [s.strip() for s in c.nats_url.split(",") if s.strip()],
+            "name": f"relay-trio {self.instance_id}",
+            "connect_timeout": REQUEST_TIMEOUT,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.25,
+            "allow_reconnect": True,
+            "disconnected_cb": disconnected,
+            "reconnected_cb": reconnected,
+            "error_cb": error,
+        }
         self.nc = Client()
         try:
             # With unlimited reconnects nats-py retries a failed first connection forever:
             # bound it, so an instance that cannot reach NATS at start says so and exits.
-            await asyncio.wait_for(
-                self.nc.connect(
-                    servers=[s.strip() for s in c.nats_url.split(",") if s.strip()],
-                    name=f"relay-trio {self.instance_id}",
-                    connect_timeout=REQUEST_TIMEOUT,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,
-                    allow_reconnect=True,
-                    disconnected_cb=disconnected,
-                    reconnected_cb=reconnected,
-                    error_cb=error,
-                ),
-                START_TIMEOUT,
-            )
+            await asyncio.wait_for(self.nc.connect(**options), START_TIMEOUT)
         except TimeoutError:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), REQUEST_TIMEOUT)
