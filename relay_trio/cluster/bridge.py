@@ -72,9 +72,17 @@ class AsyncioThread:
             self._token.run_sync_soon(fn)
 
     async def stop(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - bounded join
-        """Stop the loop and join its thread (off the Trio thread, bounded)."""
+        """Cancel the loop's remaining tasks and let them finish (bounded), then stop the
+        loop and join its thread (off the Trio thread, bounded).
+
+        A task left pending on a closed loop (nats-py's subscription readers) would raise
+        "Event loop is closed" whenever the garbage collector finally reaches it.
+        """
         if self._thread is None:
             return
+        # Whatever the remaining tasks raise: the loop is going away anyway.
+        with trio.move_on_after(timeout), contextlib.suppress(Exception):
+            await self.call(_cancel_the_others)
         self.loop.call_soon_threadsafe(self.loop.stop)
         thread = self._thread
         await trio.to_thread.run_sync(thread.join, timeout, abandon_on_cancel=True)
@@ -85,3 +93,11 @@ class AsyncioThread:
 
 async def _as_coroutine(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
     return await fn(*args)
+
+
+async def _cancel_the_others() -> None:
+    """Cancel every task of the running loop but this one and wait until they are done."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -304,9 +304,10 @@ class NatsLink:
         await self.nc.flush(timeout=int(REQUEST_TIMEOUT))
         return "nacked", history
 
-    async def synchronously_acked(self, resource_id: str, seq: int, now: float) -> None:
-        """Clear the stale-ACK clock after upstream ACKs given in the send's answer."""
-        await self.admission.acknowledged(resource_id, seq, now)
+    async def synchronously_acked(self, acked: Sequence[tuple[str, int]], now: float) -> None:
+        """Record upstream ACKs given in the sends' answers, ``(resource_id, seq)`` each, in
+        the admission entries (stale-ACK clock, last acknowledged sequence), concurrently."""
+        await asyncio.gather(*(self.admission.acknowledged(r, seq, now) for r, seq in acked))
 
     async def dead_letter(self, records: Sequence[tuple[str, str, bytes]]) -> None:
         """Store dead letters ``(resource_id, ack_reply, record_json)``, then end the

@@ -90,6 +90,7 @@ class ClusterNode:
     in_flight: int = attrs.field(init=False, default=0)
     _link: Any = attrs.field(init=False, default=None)
     _senders_done: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _closing: bool = attrs.field(init=False, default=False)
     #: The per-resource bucket (the same one admission applies to the shared entries).
     bucket: LeakyBucket = attrs.field(init=False)
 
@@ -107,8 +108,8 @@ class ClusterNode:
         self.bridge.to_trio(lambda: self._set_connected(True))
 
     def _set_connected(self, up: bool) -> None:
-        if self.connected.value == up:
-            return
+        if self.connected.value == up or self._closing:
+            return  # closing the connection on the way out is no loss to report
         self.connected.value = up
         if not up:
             self.disconnects += 1
@@ -146,6 +147,7 @@ class ClusterNode:
                 nursery.start_soon(self._senders)
                 task_status.started()
         finally:
+            self._closing = True
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 try:
                     await self.bridge.call(link.close)
@@ -401,8 +403,8 @@ class ClusterNode:
                 nursery.start_soon(send, index, batch)
         if settle:
             await self.bridge.call(self._link.settle, settle)
-        for rid, seq in acked:
-            await self.bridge.call(self._link.synchronously_acked, rid, seq, self.wall_clock())
+        if acked:
+            await self.bridge.call(self._link.synchronously_acked, acked, self.wall_clock())
 
     def _dead_record(
         self, body: dict[str, Any], reason: str, history_of: dict[str, list[Any]], now: float
