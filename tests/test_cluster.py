@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+import sys
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,8 @@ import orjson
 import pytest
 import trio
 from fake_upstream import Behaviour, run_fake_upstream
-from nats_helpers import NatsServer, running_nats
-from relay_helpers import MemoryUpstream, eventually, make_config, relay_subprocess
-
-from relay_trio.relay import Relay
-from relay_trio.server import RelayServer
-from relay_trio.upstreams.base import Upstream
+from nats_helpers import NatsServer, free_port, instances, running_nats
+from relay_helpers import eventually, relay_subprocess
 
 pytestmark = pytest.mark.slow
 
@@ -27,47 +24,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     yield from running_nats(tmp_path)
-
-
-def cluster_config(tmp_path: Path, nats: NatsServer, name: str, **overrides: Any) -> Any:
-    base: dict[str, Any] = {
-        "store": "nats",
-        "nats_url": nats.url,
-        "instance_id": name,
-        "upstreams": ["http://upstream.invalid/"],
-        "ack_timeout": 1.0,
-        "retry_base": 0.2,
-        "retry_cap": 1.0,
-        "nats_heartbeat": 0.5,
-    }
-    base.update(overrides)
-    return make_config(tmp_path / name, **base)
-
-
-def _fixed(up: MemoryUpstream) -> Callable[[str, float], Upstream]:
-    return lambda _url, _deadline: up
-
-
-@asynccontextmanager
-async def instances(
-    tmp_path: Path, nats: NatsServer, names: list[str], mode: str = "ack", **overrides: Any
-) -> AsyncIterator[list[tuple[RelayServer, httpx.AsyncClient, MemoryUpstream]]]:
-    out: list[tuple[RelayServer, httpx.AsyncClient, MemoryUpstream]] = []
-    async with trio.open_nursery() as nursery:
-        for name in names:
-            up = MemoryUpstream("http://upstream.invalid/", mode)
-            config = cluster_config(tmp_path, nats, name, **overrides)
-            relay = Relay(config, upstream_factory=_fixed(up))
-            server = RelayServer(config, relay)
-            urls = await nursery.start(server.serve)
-            client = httpx.AsyncClient(base_url=urls[0], timeout=10)
-            out.append((server, client, up))
-        try:
-            yield out
-        finally:
-            for server, client, _ in out:
-                await client.aclose()
-                server.relay.request_shutdown("test")
 
 
 async def test_one_bucket_and_unique_ids_across_two_instances(
@@ -240,3 +196,61 @@ async def test_nats_restart_under_load_pauses_with_503_and_loses_nothing(
         )
         status = (await clients[1].get("/v1/status")).json()["cluster"]
         assert status["disconnects"] >= 1
+
+
+async def _run_refused(tmp_path: Path, env: dict[str, str]) -> str:
+    """``relay-trio run`` that must refuse to start: exit 2 and one line on stderr."""
+    with trio.fail_after(15):
+        result = await trio.run_process(
+            [sys.executable, "-m", "relay_trio", "run"],
+            cwd=tmp_path,
+            env={**os.environ, "RELAY_TRIO_PORT": "0", **env},
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    err = result.stderr.decode().strip()
+    assert result.returncode == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and not result.stdout
+    return err
+
+
+async def test_config_contradicting_an_asset_refuses_to_start_and_changes_nothing(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    async with instances(tmp_path, nats_server, ["a"]) as [(_, a, _)]:
+        # max_dead_letters 10000 (the default) made RELAY_DEADLETTERS with max_msgs 10000.
+        assert (await a.get("/readyz")).status_code == 200
+        env = {
+            "RELAY_TRIO_DATA_DIR": str(tmp_path / "b"),
+            "RELAY_TRIO_STORE": "nats",
+            "RELAY_TRIO_NATS_URL": nats_server.url,
+            "RELAY_TRIO_INSTANCE_ID": "b",
+            "RELAY_TRIO_ACK_TIMEOUT": "1",
+            "RELAY_TRIO_RETRY_BASE": "0.2",
+            "RELAY_TRIO_RETRY_CAP": "1",
+            "RELAY_TRIO_NATS_HEARTBEAT": "0.5",
+            "RELAY_TRIO_MAX_DEAD_LETTERS": "123",
+        }
+        err = await _run_refused(tmp_path, env)
+        assert err == (
+            "relay-trio: JetStream stream RELAY_DEADLETTERS has max_msgs=10000 but the config "
+            "needs 123; delete it or fix the config"
+        )
+        # The asset was left as it was: the running instance still works on it, and an
+        # instance with the same settings as the first starts.
+        r = await a.post("/v1/reports", json={"resource_id": "vm", "payload": 1})
+        assert r.status_code == 202
+    async with instances(tmp_path, nats_server, ["c"]) as [(_, c, _)]:
+        assert (await c.get("/readyz")).status_code == 200
+
+
+async def test_unreachable_nats_refuses_to_start(tmp_path: Path) -> None:
+    env = {
+        "RELAY_TRIO_DATA_DIR": str(tmp_path / "x"),
+        "RELAY_TRIO_STORE": "nats",
+        "RELAY_TRIO_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+    }
+    err = await _run_refused(tmp_path, env)
+    assert err.startswith("relay-trio: cannot use NATS JetStream at nats://127.0.0.1:"), err

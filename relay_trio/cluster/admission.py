@@ -46,13 +46,15 @@ class KeyValue(Protocol):
 
 @attrs.frozen
 class Entry:
-    """A resource's shared state: sequence, bucket (level at wall time ``last``), last ACK."""
+    """A resource's shared state: sequence, bucket (level at wall time ``last``), last ACK
+    (when, and the highest sequence acknowledged: redrive's ``superseded`` test)."""
 
     seq: int = 0
     level: float = 0.0
     last: float = 0.0
     acked_at: float | None = None
     awaiting_since: float | None = None
+    acked_seq: int = 0
 
     def encode(self) -> bytes:
         return orjson.dumps(attrs.asdict(self))
@@ -154,7 +156,9 @@ class CasAdmission:
                 return
             entry, revision = Entry.decode(got[0]), got[1]
             awaiting = None if entry.seq <= seq else entry.awaiting_since
-            new = attrs.evolve(entry, acked_at=now, awaiting_since=awaiting)
+            new = attrs.evolve(
+                entry, acked_at=now, awaiting_since=awaiting, acked_seq=max(entry.acked_seq, seq)
+            )
             try:
                 new_revision = await self.kv.update(key, new.encode(), revision)
             except Conflict:

@@ -4,6 +4,10 @@
 (:mod:`relay_trio.cluster.node`) calls its methods through
 :meth:`~relay_trio.cluster.bridge.AsyncioThread.call`, one bridged call per batch of work so
 a batch costs one thread hop, not one per NATS round trip.
+
+Longer than 450 lines: it is the whole asyncio side (admission, delivery, ACKs, dead letters
+and redrive, the resource view, membership), one object on one connection, so nothing else
+in the relay touches nats-py.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue as NatsKeyValue
 
 from ..core.config import RelayConfig
 from ..core.limiter import LeakyBucket
-from .admission import CasAdmission, Conflict, Decision
+from .admission import CasAdmission, Conflict, Decision, Entry
 from .assets import ensure_assets
 from .names import (
     ADMISSION_BUCKET,
@@ -42,6 +46,10 @@ from .names import (
 
 #: Seconds one JetStream request (publish ack, KV op) may take before it fails.
 REQUEST_TIMEOUT = 2.0
+#: Seconds the first connection may take at start before the instance gives up.
+START_TIMEOUT = 5.0
+#: JetStream's error code for a failed ``Nats-Expected-Last-Subject-Sequence`` check.
+WRONG_LAST_SEQUENCE = 10071
 
 
 @attrs.define(eq=False)
@@ -79,6 +87,18 @@ class Incoming:
     payload: Any
 
 
+@attrs.frozen
+class Redrive:
+    """A dead letter to redrive: its dead-letter stream sequence and what to republish."""
+
+    index: int
+    message_id: str
+    resource_id: str
+    seq: int
+    kind: str | None
+    payload: bytes  # JSON
+
+
 @attrs.define(eq=False)
 class NatsLink:
     """The NATS connection and every operation cluster mode performs on it (asyncio side)."""
@@ -107,17 +127,27 @@ class NatsLink:
         async def error(_exc: Exception) -> None:
             return None
 
-        self.nc = await nats.connect(
-            servers=[s.strip() for s in c.nats_url.split(",") if s.strip()],
-            name=f"relay-trio {self.instance_id}",
-            connect_timeout=REQUEST_TIMEOUT,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
-            allow_reconnect=True,
-            disconnected_cb=disconnected,
-            reconnected_cb=reconnected,
-            error_cb=error,
-        )
+        # nats-py annotates the timeouts as int but takes seconds as float.
+        options: dict[str, Any] = {
+            "servers": [s.strip() for s in c.nats_url.split(",") if s.strip()],
+            "name": f"relay-trio {self.instance_id}",
+            "connect_timeout": REQUEST_TIMEOUT,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.25,
+            "allow_reconnect": True,
+            "disconnected_cb": disconnected,
+            "reconnected_cb": reconnected,
+            "error_cb": error,
+        }
+        self.nc = Client()
+        try:
+            # With unlimited reconnects nats-py retries a failed first connection forever:
+            # bound it, so an instance that cannot reach NATS at start says so and exits.
+            await asyncio.wait_for(self.nc.connect(**options), START_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), REQUEST_TIMEOUT)
+            raise ConnectionError(f"no server answered within {START_TIMEOUT:g} s") from None
         self.js = self.nc.jetstream(timeout=int(REQUEST_TIMEOUT))
         await ensure_assets(self.js, c)
         self.admission = CasAdmission(
@@ -278,9 +308,10 @@ class NatsLink:
         await self.nc.flush(timeout=int(REQUEST_TIMEOUT))
         return "nacked", history
 
-    async def synchronously_acked(self, resource_id: str, seq: int, now: float) -> None:
-        """Clear the stale-ACK clock after upstream ACKs given in the send's answer."""
-        await self.admission.acknowledged(resource_id, seq, now)
+    async def synchronously_acked(self, acked: Sequence[tuple[str, int]], now: float) -> None:
+        """Record upstream ACKs given in the sends' answers, ``(resource_id, seq)`` each, in
+        the admission entries (stale-ACK clock, last acknowledged sequence), concurrently."""
+        await asyncio.gather(*(self.admission.acknowledged(r, seq, now) for r, seq in acked))
 
     async def dead_letter(self, records: Sequence[tuple[str, str, bytes]]) -> None:
         """Store dead letters ``(resource_id, ack_reply, record_json)``, then end the
@@ -310,13 +341,85 @@ class NatsLink:
             seq = msg.seq + 1
         return out
 
-    async def delete_dead_letters(self, seqs: Sequence[int]) -> None:
-        for seq in seqs:
-            with contextlib.suppress(NotFoundError):
-                await self.js.delete_msg(DEAD_LETTER_STREAM, seq)
+    async def redrive(
+        self, items: Sequence[Redrive], dry_run: bool, force: bool, now: float
+    ) -> list[str]:
+        """Redrive dead letters: per item ``redriven``, ``superseded`` (the admission entry
+        shows a newer message acknowledged; not checked with ``force``) or ``pending`` (the
+        resource has a message in the reports stream, which a redrive would replace).
 
-    async def republish(self, resource_id: str, body: bytes, msg_id: str) -> None:
-        await self.js.publish(report_subject(resource_id), body, headers={"Nats-Msg-Id": msg_id})
+        A redrive publishes the message again (same id, ``admitted_at = now``; a new stream
+        message, so JetStream counts deliveries from 1) only if its subject holds no message
+        (``Nats-Expected-Last-Subject-Sequence: 0``: atomic against a concurrent admission
+        or redrive), deduplicated by ``<message id>@<dead-letter sequence>``, then deletes
+        the dead letter by its sequence. A crash between the two leaves the dead letter in
+        place while the message is redriven; redriving it again within the duplicate window
+        is dropped as a duplicate. The items of one resource are handled in order.
+        """
+        out = ["pending"] * len(items)
+        by_resource: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            by_resource.setdefault(item.resource_id, []).append(i)
+
+        async def one(item: Redrive) -> str:
+            if not force:
+                got = await self.admission.kv.get(token(item.resource_id))
+                if got is not None and Entry.decode(got[0]).acked_seq > item.seq:
+                    return "superseded"
+            subject = report_subject(item.resource_id)
+            if dry_run:
+                try:
+                    await self.js.get_last_msg(REPORTS_STREAM, subject)
+                except NotFoundError:
+                    return "redriven"
+                return "pending"
+            body = orjson.dumps(
+                {
+                    "message_id": item.message_id,
+                    "resource_id": item.resource_id,
+                    "seq": item.seq,
+                    "kind": item.kind,
+                    "payload": orjson.Fragment(item.payload),
+                    "admitted_at": now,
+                    "instance": self.instance_id,
+                }
+            )
+            headers = {
+                "Nats-Msg-Id": f"{item.message_id}@{item.index}",
+                "Nats-Expected-Last-Subject-Sequence": "0",
+            }
+            try:
+                await self.js.publish(subject, body, headers=headers)
+            except APIError as exc:
+                if exc.err_code == WRONG_LAST_SEQUENCE:
+                    return "pending"
+                raise
+            with contextlib.suppress(NotFoundError):
+                await self.js.delete_msg(DEAD_LETTER_STREAM, item.index)
+            return "redriven"
+
+        async def resource(indexes: list[int]) -> None:
+            for i in indexes:
+                out[i] = await one(items[i])
+
+        await asyncio.gather(*(resource(ix) for ix in by_resource.values()))
+        return out
+
+    async def resource(self, resource_id: str) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """What the cluster holds for one resource: its admission entry, its message in the
+        reports stream and that message's in-flight entry (each ``None`` when absent)."""
+        got = await self.admission.kv.get(token(resource_id))
+        entry = None if got is None else got[0]
+        try:
+            msg = await self.js.get_last_msg(REPORTS_STREAM, report_subject(resource_id))
+        except NotFoundError:
+            return entry, None, None
+        pending = msg.data or b"{}"
+        try:
+            flight = await self.inflight.get(token(orjson.loads(pending)["message_id"]))
+        except KeyNotFoundError:
+            return entry, pending, None
+        return entry, pending, flight.value
 
     # -- membership and figures ---------------------------------------------------------
 
@@ -356,4 +459,4 @@ def _nak(delay: float | None) -> bytes:
     return b"-NAK " + orjson.dumps({"delay": int(delay * 1e9)})
 
 
-__all__ = ["DEAD_LETTER_SUBJECT", "Incoming", "NatsLink", "api"]
+__all__ = ["DEAD_LETTER_SUBJECT", "Incoming", "NatsLink", "Redrive", "api"]

@@ -8,8 +8,8 @@ JetStream's own controls (AckWait/BackOff, MaxDeliver, NAK with delay, one messa
 subject). docs/cluster.md lists every asset, subject and where semantics differ.
 
 Longer than 450 lines: one instance's whole cluster life cycle (connection and readiness,
-admission, the senders, ACKs, dead letters, status) on one link; the NATS calls themselves
-are in :mod:`relay_trio.cluster.link`.
+admission, the senders, ACKs, dead letters and their redrive, the resource view, status) on
+one link; the NATS calls themselves are in :mod:`relay_trio.cluster.link`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import socket
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,10 +29,13 @@ import trio_util
 
 from ..core import event_schemas as ev
 from ..core.config import RelayConfig
+from ..core.limiter import LeakyBucket
 from ..core.model import Accepted, Problem, validate_report
 from ..core.routing import UpstreamRouter
+from ..core.views import rfc3339
 from ..metrics import RelayMetrics
 from ..services.publisher import EventPublisher
+from ..services.redrive import RedriveRequest
 from ..stores.base import (
     AttemptRecord,
     DeadLetterPage,
@@ -88,10 +92,14 @@ class ClusterNode:
     in_flight: int = attrs.field(init=False, default=0)
     _link: Any = attrs.field(init=False, default=None)
     _senders_done: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _closing: bool = attrs.field(init=False, default=False)
+    #: The per-resource bucket (the same one admission applies to the shared entries).
+    bucket: LeakyBucket = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         if not self.instance_id:
             self.instance_id = self.config.instance_id or default_instance_id()
+        self.bucket = LeakyBucket.per_minute(self.config.rate_per_minute, self.config.burst)
 
     @property
     def link(self) -> Any:
@@ -108,8 +116,8 @@ class ClusterNode:
         self.bridge.to_trio(lambda: self._set_connected(True))
 
     def _set_connected(self, up: bool) -> None:
-        if self.connected.value == up:
-            return
+        if self.connected.value == up or self._closing:
+            return  # closing the connection on the way out is no loss to report
         self.connected.value = up
         if not up:
             self.disconnects += 1
@@ -147,6 +155,7 @@ class ClusterNode:
                 nursery.start_soon(self._senders)
                 task_status.started()
         finally:
+            self._closing = True
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 try:
                     await self.bridge.call(link.close)
@@ -375,8 +384,8 @@ class ClusterNode:
                 nursery.start_soon(send, index, batch)
         if settle:
             await self.bridge.call(self._link.settle, settle)
-        for rid, seq in acked:
-            await self.bridge.call(self._link.synchronously_acked, rid, seq, self.wall_clock())
+        if acked:
+            await self.bridge.call(self._link.synchronously_acked, acked, self.wall_clock())
 
     def _dead_record(
         self, body: dict[str, Any], reason: str, history_of: dict[str, list[Any]], now: float
@@ -400,11 +409,17 @@ class ClusterNode:
     # -- dead letters --------------------------------------------------------------------
 
     async def dead_letters(self, q: DeadLetterQuery) -> DeadLetterPage:
-        """One page of the dead-letter stream (index = stream sequence). Checkpoint."""
+        """One page of the dead-letter stream (index = stream sequence). Checkpoint; raises
+        :class:`ClusterUnavailable` when NATS cannot be reached."""
         items: list[DeadLetterRecord] = []
         after = q.after_index
         while len(items) <= q.limit:
-            raw = await self.bridge.call(self._link.dead_letters, after, 256, q.resource_id)
+            if not self.connected.value:
+                raise ClusterUnavailable("no NATS connection")
+            try:
+                raw = await self.bridge.call(self._link.dead_letters, after, 256, q.resource_id)
+            except Exception as exc:
+                raise ClusterUnavailable(f"dead letters: {type(exc).__name__}") from None
             if not raw:
                 break
             for seq, data in raw:
@@ -428,6 +443,87 @@ class ClusterNode:
                         return DeadLetterPage(items, items[-1].index)
                     items.append(rec)
         return DeadLetterPage(items, None)
+
+    async def redrive(self, request: RedriveRequest) -> dict[str, Any]:
+        """``POST /v1/deadletters:redrive`` in cluster mode, answered like a single node's.
+
+        Each redriven dead letter is back in the reports stream (publish acknowledged) and
+        deleted from the dead-letter stream before the answer, and published as a
+        ``deadletter`` ``redriven`` event. A checkpoint; raises :class:`ClusterUnavailable`
+        when NATS cannot be reached (some may be redriven already: they are not listed
+        again, being gone from the dead letters).
+        """
+        from .link import Redrive
+
+        if not self.connected.value:
+            raise ClusterUnavailable("no NATS connection")
+        try:
+            page = await self.dead_letters(request.query)
+            items = [
+                Redrive(d.index, d.message_id, d.resource_id, d.seq, d.kind, d.payload or b"null")
+                for d in page.items
+            ]
+            outcomes = await self.bridge.call(
+                self._link.redrive, items, request.dry_run, request.force, self.wall_clock()
+            )
+        except Exception as exc:
+            raise ClusterUnavailable(f"redrive: {type(exc).__name__} {exc}".strip()) from None
+        redriven = [
+            d.message_id for d, o in zip(page.items, outcomes, strict=True) if o == "redriven"
+        ]
+        skipped = Counter(o for o in outcomes if o != "redriven")
+        if not request.dry_run:
+            for d, o in zip(page.items, outcomes, strict=True):
+                if o == "redriven":
+                    self.events.emit(ev.redriven(d.message_id, d.resource_id, d.reason))
+        return {
+            "matched": len(page.items),
+            "redriven": len(redriven),
+            "skipped": sum(skipped.values()),
+            "skipped_by_reason": dict(skipped),
+            "message_ids": redriven,
+            "dry_run": request.dry_run,
+        }
+
+    # -- the resource view ------------------------------------------------------------
+
+    async def resource_view(self, resource_id: str) -> dict[str, Any] | None:
+        """``GET /v1/resources/{id}`` from the cluster: the admission entry (sequence,
+        bucket, last ACK), the message in the reports stream and its attempt history.
+        ``None`` for a resource no instance admitted. A checkpoint; raises
+        :class:`ClusterUnavailable` when NATS cannot be reached."""
+        if not self.connected.value:
+            raise ClusterUnavailable("no NATS connection")
+        try:
+            raw, pending, flight = await self.bridge.call(self._link.resource, resource_id)
+        except Exception as exc:
+            raise ClusterUnavailable(f"resource: {type(exc).__name__}") from None
+        if raw is None:
+            return None
+        from .admission import Entry
+
+        c = self.config
+        entry = Entry.decode(raw)
+        now = self.wall_clock()
+        bucket = self.bucket
+        wall = _wall
+        return {
+            "resource_id": resource_id,
+            "seq": entry.seq,
+            "last_acked_at": wall(entry.acked_at),
+            "last_acked_seq": entry.acked_seq,
+            "awaiting_ack_since": wall(entry.awaiting_since),
+            "stale_ack": entry.awaiting_since is not None
+            and now - entry.awaiting_since >= c.stale_ack_threshold,
+            "bucket": {
+                "level": round(bucket.drained(entry.level, entry.last, now), 6),
+                "burst": c.burst,
+                "rate_per_minute": c.rate_per_minute,
+                "available": round(max(0.0, bucket.headroom(entry.level, entry.last, now)), 6),
+            },
+            "upstream": self.router.urls[self.router.pick(resource_id) or 0],
+            "pending": None if pending is None else _pending_view(pending, flight),
+        }
 
     # -- status and shutdown ---------------------------------------------------------------
 
@@ -454,3 +550,19 @@ class ClusterNode:
         stay in JetStream for the other instances (or this one's next start)."""
         self.draining = True
         await self._senders_done.wait()
+
+
+def _wall(t: float | None) -> str | None:
+    return None if t is None else rfc3339(t)
+
+
+def _pending_view(message: bytes, flight: bytes | None) -> dict[str, Any]:
+    """The resource's message in the reports stream, with its in-flight attempt history."""
+    body = orjson.loads(message)
+    history = [] if flight is None else orjson.loads(flight).get("attempts", [])
+    return {
+        "message_id": body["message_id"],
+        "attempts": sum(1 for a in history if a[1] in ("sent", "send_failed")),
+        "admitted_at": rfc3339(body["admitted_at"]),
+        "history": [{"at": rfc3339(a), "outcome": o, "detail": d} for a, o, d in history],
+    }

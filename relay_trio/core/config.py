@@ -576,12 +576,6 @@ def validate(config: RelayConfig) -> None:
     _require(c.store in STORES, "store", f"must be one of {', '.join(STORES)}")
     _require(c.nats_heartbeat > 0, "nats_heartbeat", "must be > 0")
     _require(c.nats_replicas in (1, 3, 5), "nats_replicas", "must be 1, 3 or 5")
-    if c.store == "nats":
-        _require(
-            not c.stream_listen,
-            "stream_listen",
-            "the stream door is not available with store = nats yet (use POST /v1/reports:batch)",
-        )
     _require(c.store_sync in STORE_SYNC, "store_sync", f"must be one of {', '.join(STORE_SYNC)}")
     _require(c.recovery_rate > 0, "recovery_rate", "must be > 0")
     _require(

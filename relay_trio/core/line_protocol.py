@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import attrs
 import orjson
@@ -38,6 +39,7 @@ from .identity import identity_problem
 from .model import Accepted, Problem, malformed, reply_for, too_large
 
 __all__ = [
+    "LineBatch",
     "LineConnection",
     "LineCounters",
     "idle_timeout",
@@ -123,10 +125,27 @@ class LineCounters:
 
 
 @attrs.define(eq=False)
+class LineBatch:
+    """The replies to the lines one read completed, for one write. ``parts`` holds reply
+    bytes, or the line number of a report whose admission the caller still has to decide
+    (``reports``, same order); :meth:`LineConnection.answer` fills those in."""
+
+    parts: list[bytes | int]
+    reports: list[object]
+
+    def join(self) -> bytes:
+        """The reply bytes. Only once every part is decided (no ``reports`` left, or
+        after :meth:`LineConnection.answer`)."""
+        return b"".join(cast("list[bytes]", self.parts))
+
+
+@attrs.define(eq=False)
 class LineConnection:
     """One connection's state in the line protocol: framing, handshake, line numbers.
 
-    ``admit`` is the relay's admission (synchronous, never raises for bad input).
+    ``admit`` is the relay's admission (synchronous, never raises for bad input), used by
+    :meth:`receive_data`; :meth:`read_data` instead leaves the reports to the caller (an
+    admission that awaits, such as cluster mode's) and :meth:`answer` writes its decisions.
     ``token`` is the :func:`token_digest` of the token the handshake must present, or
     None for no handshake. ``cid`` is the VSOCK peer's CID, which binds resource ids.
     ``count_refused(reason)`` is called once for every line refused before admission
@@ -161,47 +180,88 @@ class LineConnection:
 
     def receive_data(self, data: bytes | bytearray) -> bytes:
         """Feed received bytes; return the replies to every line they complete (maybe
-        ``b""``). The buffer never holds more than ``max_frame`` plus one ``data``: a
-        line longer than that is answered 413 and the connection ``closed``.
+        ``b""``), each report admitted by ``admit``. The buffer never holds more than
+        ``max_frame`` plus one ``data``: a line longer than that is answered 413 and the
+        connection ``closed``.
         """
+        return self._answer(self._frame(data), self.admit).join()
+
+    def receive_eof(self) -> bytes:
+        """The peer finished sending: a last line without its newline is still a line.
+        Returns its reply (maybe ``b""``); the connection is ``closed`` afterwards."""
+        return self._answer(self._frame_eof(), self.admit).join()
+
+    def read_data(self, data: bytes | bytearray) -> LineBatch:
+        """Like :meth:`receive_data`, but the reports are not admitted: the returned batch
+        holds them, in order, for the caller to decide (for example in one awaited call),
+        and :meth:`answer` turns the decisions into the reply bytes."""
+        return self._answer(self._frame(data), None)
+
+    def read_eof(self) -> LineBatch:
+        """Like :meth:`receive_eof`, with admission left to the caller (see :meth:`read_data`)."""
+        return self._answer(self._frame_eof(), None)
+
+    def answer(self, batch: LineBatch, results: Sequence[Accepted | Problem]) -> bytes:
+        """The reply bytes for ``batch``, given one admission result per ``batch.reports``
+        (same order). Counts admitted and rejected lines as :meth:`receive_data` does."""
+        assert len(results) == len(batch.reports), "one result per deferred report"
+        counters = self.counters
+        parts = batch.parts
+        at = 0
+        for i, part in enumerate(parts):
+            if isinstance(part, int):
+                result = results[at]
+                at += 1
+                if isinstance(result, Accepted):
+                    counters.lines_ok += 1
+                    self.admitted += 1
+                else:
+                    counters.lines_rejected += 1
+                parts[i] = reply_line(result, part)
+        return batch.join()
+
+    def _frame(self, data: bytes | bytearray) -> list[bytes | bytearray]:
+        """The lines ``data`` completes (a too-long unfinished tail included, for its 413)."""
         if self.closed:
-            return b""
+            return []
         buf = self._buf
         start = len(buf)
         buf += data
         self.counters.buffer_high_water = max(self.counters.buffer_high_water, len(buf))
         newline = buf.rfind(b"\n", start)
         if newline < 0:
-            if len(buf) > self.max_frame:
-                return self._answer([buf])
-            return b""
+            return [buf] if len(buf) > self.max_frame else []
         lines: list[bytes | bytearray] = list(buf[:newline].split(b"\n"))
         del buf[: newline + 1]
         if len(buf) > self.max_frame:
             lines.append(buf)  # the unfinished tail is already too long: answer 413
-        return self._answer(lines)
+        return lines
 
-    def receive_eof(self) -> bytes:
-        """The peer finished sending: a last line without its newline is still a line.
-        Returns its reply (maybe ``b""``); the connection is ``closed`` afterwards."""
+    def _frame_eof(self) -> list[bytes | bytearray]:
         if self.closed:
-            return b""
-        out = self._answer([bytes(self._buf)]) if self._buf else b""
+            return []
+        lines: list[bytes | bytearray] = [bytes(self._buf)] if self._buf else []
         self._buf.clear()
         self.closed = True
-        return out
+        return lines
 
-    def _answer(self, lines: Sequence[bytes | bytearray]) -> bytes:
-        """Reply lines for ``lines``, joined for one write.
+    def _answer(
+        self,
+        lines: Sequence[bytes | bytearray],
+        admit: Callable[[object], Accepted | Problem] | None,
+    ) -> LineBatch:
+        """Reply lines for ``lines``, for one write; with ``admit`` ``None`` each report's
+        reply is left to :meth:`answer` (a line number in ``parts``, the report in
+        ``reports``).
 
         Admission never awaits, and one write per read keeps the per-line cost down to a
         JSON parse, an admit() and a dumps().
         """
         max_frame = self.max_frame
         counters = self.counters
-        admit = self.admit
         cid = self.cid
-        replies: list[bytes] = []
+        replies: list[bytes | int] = []
+        reports: list[object] = []
         number = self.lines_read
         for line in lines:
             number += 1
@@ -234,12 +294,16 @@ class LineConnection:
                 result = malformed(str(exc))
             else:
                 refused = identity_problem(obj, cid)
-                if refused is None:
-                    result = admit(obj)
-                else:
+                if refused is not None:
                     # A report for another guest's resource is refused like a bad token.
                     self.count_refused("unauthorized")
                     result = refused
+                elif admit is None:
+                    replies.append(number)  # decided by the caller: see answer()
+                    reports.append(obj)
+                    continue
+                else:
+                    result = admit(obj)
             if isinstance(result, Accepted):
                 counters.lines_ok += 1
                 self.admitted += 1
@@ -247,4 +311,4 @@ class LineConnection:
                 counters.lines_rejected += 1
             replies.append(reply_line(result, number))
         self.lines_read = number
-        return b"".join(replies)
+        return LineBatch(replies, reports)

@@ -287,7 +287,10 @@ def create_app(relay: Relay) -> QuartTrio:
         denied = auth_problem("read")
         if denied is not None:
             return problem_response(denied)
-        view = relay.resource_view(resource_id)
+        try:
+            view = await relay.resource_view_any(resource_id)
+        except StoreError as exc:
+            return problem_response(store_unavailable(exc))
         if view is None:
             return problem_response(
                 Problem(404, "unknown-resource", "Unknown resource", resource_id)
@@ -302,7 +305,10 @@ def create_app(relay: Relay) -> QuartTrio:
         query = dead_letter_query(request.args)
         if isinstance(query, Problem):
             return problem_response(query)
-        return json_response(await relay.dead_letter_page(query))
+        try:
+            return json_response(await relay.dead_letter_page(query))
+        except StoreError as exc:
+            return problem_response(store_unavailable(exc))
 
     @app.post("/v1/deadletters:redrive")
     async def post_redrive() -> Response:

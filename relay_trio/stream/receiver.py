@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -33,7 +33,7 @@ from ..core.line_protocol import (
     too_many_connections,
 )
 from ..core.listen import ListenAddress
-from ..core.model import Admitter, Problem
+from ..core.model import Accepted, Admitter, Problem
 from .listeners import (
     ACCEPT_CAPACITY_ERRNOS,
     describe_bound,
@@ -45,6 +45,9 @@ from .listeners import (
 __all__ = ["ReceiverLimits", "StreamReceiver"]
 
 log = logging.getLogger(__name__)
+
+#: Admits decoded reports in order, awaiting their storage (cluster mode).
+AdmitMany = Callable[[list[object]], Awaitable[list[Accepted | Problem]]]
 
 
 def _count_nothing(_reason: str) -> None:
@@ -84,7 +87,9 @@ class StreamReceiver:
     must open with the ``{"token": ...}`` handshake before anything it sends is admitted.
     ``count_refused(reason)`` is called for each line refused before admission (malformed,
     too large, failed handshake, another guest's resource), so that the relay's
-    ``received = admitted + rejected`` holds for this door as for HTTP.
+    ``received = admitted + rejected`` holds for this door as for HTTP. With ``admit_many``
+    (cluster mode) the reports of each read are admitted in one awaited call instead, and
+    their reply lines are written once it returns (each ``Accepted`` is stored by then).
 
     Start with ``bound = await nursery.start(receiver.run)``; stop with
     :meth:`stop_accepting` then ``await`` :meth:`drain`.
@@ -95,6 +100,9 @@ class StreamReceiver:
     limits: ReceiverLimits = attrs.field(factory=ReceiverLimits)
     token: str | None = attrs.field(default=None, repr=False)
     count_refused: Callable[[str], None] = _count_nothing
+    #: Cluster mode: admits the reports of one read in one awaited call, each ``Accepted``
+    #: already stored (JetStream publish acknowledged); ``admitter.admit`` is then unused.
+    admit_many: AdmitMany | None = None
 
     #: The real bound addresses (e.g. ``tcp://127.0.0.1:41234``), set before ``started``.
     bound: list[str] = attrs.field(init=False, factory=list)
@@ -350,12 +358,18 @@ class StreamReceiver:
                 await self._send(stream, problem_line(idle_timeout(lim.idle_timeout)))
                 return
             lines_before, admitted_before = conn.lines_read, conn.admitted
-            out = conn.receive_data(chunk) if chunk else conn.receive_eof()
+            if self.admit_many is None:
+                out = conn.receive_data(chunk) if chunk else conn.receive_eof()
+            else:
+                batch = conn.read_data(chunk) if chunk else conn.read_eof()
+                # One call per read: the window of lines decided and stored together.
+                results = await self.admit_many(batch.reports) if batch.reports else []
+                out = conn.answer(batch, results)
             if conn.lines_read != lines_before:
                 # Only a complete line (a blank keepalive too) resets the idle deadline:
                 # a slowloris dribbling bytes without a newline is cut off on time.
                 deadline = trio.current_time() + lim.idle_timeout
-            if conn.admitted != admitted_before:
+            if conn.admitted != admitted_before and self.admit_many is None:
                 # No reply says "accepted" before the store has the report.
                 await self.admitter.durable()
             if not await self._send(stream, out) or conn.closed:
