@@ -359,7 +359,8 @@ class StreamReceiver:
                 return
             lines_before, admitted_before = conn.lines_read, conn.admitted
             if self.admit_many is None:
-                out = conn.receive_data(chunk) if chunk else conn.receive_eof()
+                with self.admitter.batch():  # one store change set per read
+                    out = conn.receive_data(chunk) if chunk else conn.receive_eof()
             else:
                 batch = conn.read_data(chunk) if chunk else conn.read_eof()
                 # One call per read: the window of lines decided and stored together.
