@@ -502,6 +502,10 @@ async def serve_http(
                     await conn.run()
                 finally:
                     policy.table.discard(conn)
+                    # hypercorn's own close (send_eof, then aclose) is skipped when a
+                    # cancellation arrives at send_eof (server shutting down as the
+                    # connection starts): never leave the descriptor to the GC.
+                    conn.close_socket()
 
             def start_connection(stream: trio.SocketStream) -> None:
                 conn = RelayConnection(asgi, config, context, state, stream, policy=policy)
