@@ -167,12 +167,15 @@ def run_relay(args: dict[str, Any]) -> None:
             coalesce_interval=0.0,
             sse_write_budget=float("inf"),
         )
+        relay.events.hub = relay.hub  # the publisher must feed the replacement
         # ...and streams that write each queued chunk separately (no joining).
         import relay_trio.services.hub
 
         relay_trio.services.hub.JOIN_LIMIT = 0  # type: ignore[misc]
     fill = int(args.get("fill_bytes", 0))
-    if fill:
+
+    def fill_ring() -> None:
+        # After start: the relay continues its event ids from the store into an empty ring.
         ring: EventRing = relay.hub.ring
         i = 0
         while ring.bytes_used < fill:
@@ -183,6 +186,7 @@ def run_relay(args: dict[str, Any]) -> None:
                 {"message_id": f"{rid}:1", "resource_id": rid, "kind": "scan"},
                 "2026-01-01T00:00:00.000Z",
             )
+
     if args.get("write_budget"):
         relay.hub.sse_write_budget = float(args["write_budget"])
     server = RelayServer(config, relay)
@@ -190,6 +194,8 @@ def run_relay(args: dict[str, Any]) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             urls = await nursery.start(partial(server.serve, install_signal_handlers=True))
+            if fill:
+                fill_ring()
             tune_gc_for_serving()  # as `relay-trio run` does
             ring = relay.hub.ring
             emit(

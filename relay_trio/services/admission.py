@@ -232,13 +232,16 @@ class Admission:
     async def durable(self) -> None:
         """Wait until everything admitted so far is committed to the store.
 
-        A checkpoint. Raises :class:`~relay_trio.stores.base.StoreError` if the commit failed
+        A checkpoint (only a cancellation point when nothing was ever staged). Raises :class:`~relay_trio.stores.base.StoreError` if the commit failed
         (the front door answers 503: the report may still be delivered, but no 2xx was
         promised). Cancellation does not undo the admission.
         """
         ticket = self._ticket
         if ticket is None:
-            await trio.lowlevel.checkpoint()
+            # Nothing was ever staged (the memory store keeps no rows): nothing to wait
+            # for, and a full scheduler round trip per request measured ~10% of a single
+            # POST. Still a cancellation point.
+            await trio.lowlevel.checkpoint_if_cancelled()
         else:
             await self.store.durable(ticket)
 
