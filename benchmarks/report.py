@@ -305,18 +305,31 @@ fixed in the product and re-measured; before/after figures are from A/B runs on 
   caused (`sse_write_budget`), zero delay when idle; (5) the per-write deadline became a
   watchdog task (a cancel scope per write was ~14%); (6) socket writes first try one
   non-blocking `os.write` (~100 -> ~60 us per write, CPU 70% -> 43%).
-* **Durable store and the split (this session).** The "before" rows run commit
-  35ebfe8 (in memory, no store) from a git worktree in the same run. Instruction counts
-  of in-process admission (callgrind, 4000-report difference, deterministic): 90k per
-  report before; 133k now with `store=memory` (idempotency check, trace context, event
-  schemas, the services split) and about 230k with `store=sqlite` counting the writer
-  thread's work (records, orjson payload copy, `apply()` under the GIL, SQLite itself).
-  The store's group commit works as designed (hundreds to ~2000 change sets per
-  transaction under load, `store_sync=full` costs little because an fsync is paid per
-  group), but the per-report Python work around it is what bounds bulk ingest: the issue's
-  3x-starlette target for durable bulk ingest is missed. What would move it: admission by
-  batch (one change set, one event and one trace per batch or stream window instead of per
-  report) and building rows in `apply()` without per-op dispatch.
+* **Single POSTs (second pass).** CPU per request of the server process (all threads, from
+  `/proc`, same run, alternating): hypercorn's keep-alive timer started a task per request
+  (a lock and a `nursery.start`): ~1100 -> ~790 us per request once replaced by one timer
+  task per connection whose deadline moves. The file upstream's fall-back to its worker
+  thread tripped on a single 2-8 ms append (a preemption of the busy process, not a slow
+  disk) and then cost a thread hop per report for 60 s; it now needs 3 slow appends in a
+  row or one over 50 ms. `durable()` with nothing staged (memory store) no longer yields
+  to the scheduler. What remains against 35ebfe8 in memory is ~10-15% per request
+  (`with_contract_headers`, the read-deadline bookkeeping of the hardened connection).
+* **Durable store and the split.** The "before" rows run commit 35ebfe8 (in memory, no
+  store) from a git worktree in the same run. `python -m benchmarks.admit_cost STORE`
+  measures in-process admission + delivery (500-report batches, every report acknowledged
+  by the embedded sink); under callgrind (difference of a 2000- and a 12000-report run,
+  deterministic) the Trio thread went from 180k instructions per report to 171k with
+  `store=memory` (35ebfe8: 158k) and 204k with `store=sqlite` (+15k on the writer thread).
+  What was cut: reports and answers as named tuples instead of frozen attrs classes, no
+  contract-field checks for plain reports, one random draw per trace, the UMH trusting
+  the sequence admission built, no store records for a memory store's ACKs, one store
+  change set per batch request or stream read (`Relay.batch()`) and per send batch's ACKs
+  (commit groups went from ~1000 change sets of one report each to ~10 of hundreds),
+  message rows admitted and acknowledged within one commit never reach SQLite. The 3x
+  starlette target for durable bulk ingest is still missed: with the load generator on
+  the same 2 cores, the Trio thread is the bound (31 us of CPU per report with sqlite,
+  23 us in memory); 3x would need under ~15 us for validation, bucket, UMH, two events,
+  delivery, ACK and store staging in Python.
 * **Noise.** This machine is shared; runs vary by up to 2x in tail latency. Compare rows
   within one run, not across runs.
 """
