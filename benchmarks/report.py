@@ -312,8 +312,13 @@ fixed in the product and re-measured; before/after figures are from A/B runs on 
   thread tripped on a single 2-8 ms append (a preemption of the busy process, not a slow
   disk) and then cost a thread hop per report for 60 s; it now needs 3 slow appends in a
   row or one over 50 ms. `durable()` with nothing staged (memory store) no longer yields
-  to the scheduler. What remains against 35ebfe8 in memory is ~10-15% per request
-  (`with_contract_headers`, the read-deadline bookkeeping of the hardened connection).
+  to the scheduler. What remains against 35ebfe8 with `store=memory` is unexplained:
+  under callgrind (server process, 1000 POSTs over 32 connections, deterministic) a request
+  now costs 2.46M instructions against 2.74M for 35ebfe8 (1 connection: 2.62M vs 2.91M),
+  and `strace -c` shows the same syscalls per request, yet under wrk the server spends
+  ~15% more user CPU per request (A/B alternating, both orders). Not instructions, not
+  syscalls: the likely suspect is memory behaviour (cache misses in a larger heap); the
+  default `sqlite` store is at 0.98x of 35ebfe8 on single POSTs.
 * **Durable store and the split.** The "before" rows run commit 35ebfe8 (in memory, no
   store) from a git worktree in the same run. `python -m benchmarks.admit_cost STORE`
   measures in-process admission + delivery (500-report batches, every report acknowledged

@@ -35,7 +35,7 @@ from ..core.routing import UpstreamRouter
 from ..core.views import rfc3339
 from ..metrics import RelayMetrics
 from ..services.publisher import EventPublisher
-from ..services.redrive import RedriveRequest
+from ..services.redrive import RedriveRequest, redrive_answer
 from ..stores.base import (
     AttemptRecord,
     DeadLetterPage,
@@ -476,14 +476,7 @@ class ClusterNode:
             for d, o in zip(page.items, outcomes, strict=True):
                 if o == "redriven":
                     self.events.emit(ev.redriven(d.message_id, d.resource_id, d.reason))
-        return {
-            "matched": len(page.items),
-            "redriven": len(redriven),
-            "skipped": sum(skipped.values()),
-            "skipped_by_reason": dict(skipped),
-            "message_ids": redriven,
-            "dry_run": request.dry_run,
-        }
+        return redrive_answer(len(page.items), redriven, skipped, dry_run=request.dry_run)
 
     # -- the resource view ------------------------------------------------------------
 

@@ -352,17 +352,21 @@ class EventHub:
         event = self.ring.publish(topic, data, at)
         self.published += 1
         if self._subs:
-            pending = self._pending
-            pending.append(event)
-            n = len(pending)
-            if n == 1:
-                self._wake.set()
-            elif n >= self.max_batch:
-                self._full.set()
-                # Bounds the batch even if the flusher is not running or starved.
-                if n >= 4 * self.max_batch:
-                    self._flush()
+            self._queue_live(event)
         return event
+
+    def _queue_live(self, event: Event) -> None:
+        """Queue ``event`` for the subscribers' next flush (wakes the flusher)."""
+        pending = self._pending
+        pending.append(event)
+        n = len(pending)
+        if n == 1:
+            self._wake.set()
+        elif n >= self.max_batch:
+            self._full.set()
+            # Bounds the batch even if the flusher is not running or starved.
+            if n >= 4 * self.max_batch:
+                self._flush()
 
     def publish_event(self, event: Event) -> bool:
         """Cluster mirror: append an event numbered by the event stream and queue it for
@@ -381,15 +385,7 @@ class EventHub:
             self._advanced.set()
             self._advanced = None
         if self._subs:
-            pending = self._pending
-            pending.append(event)
-            n = len(pending)
-            if n == 1:
-                self._wake.set()
-            elif n >= self.max_batch:
-                self._full.set()
-                if n >= 4 * self.max_batch:
-                    self._flush()
+            self._queue_live(event)
         return True
 
     def _missed(self, n: int) -> None:

@@ -10,6 +10,7 @@ committed before the answer and published as a ``deadletter`` event (``redriven`
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -86,11 +87,18 @@ async def redrive(
         events.emit(ev.redriven(dead.message_id, dead.resource_id, dead.reason))
     if changes:
         await store.durable(store.stage(changes))
+    return redrive_answer(len(page.items), redriven, skipped, dry_run=request.dry_run)
+
+
+def redrive_answer(
+    matched: int, redriven: list[str], skipped: Mapping[str, int], *, dry_run: bool
+) -> dict[str, Any]:
+    """The ``POST /v1/deadletters:redrive`` answer (the same on a node and in a cluster)."""
     return {
-        "matched": len(page.items),
+        "matched": matched,
         "redriven": len(redriven),
         "skipped": sum(skipped.values()),
         "skipped_by_reason": dict(skipped),
         "message_ids": redriven,
-        "dry_run": request.dry_run,
+        "dry_run": dry_run,
     }
