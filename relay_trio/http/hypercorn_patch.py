@@ -36,7 +36,7 @@ why a client that stopped mid-body got a 408 and a connection left open. The old
 same with this app), but it passed these events through unshielded.
 :meth:`RelayConnection.protocol_send` handles ``Closed`` under a shield (bounded:
 ``shutdown(2)`` and ``close(2)``), and ``Updated`` without any checkpoint: the keep-alive
-timer is one task per connection whose deadline is moved synchronously
+timer is one task per connection that re-reads when the connection went idle
 (:meth:`RelayConnection._idle_timeout`), not a task started per request.
 
 Longer than 400 lines on purpose: every use of hypercorn's internals is quarantined
@@ -279,8 +279,7 @@ class RelayConnection(TCPServer):
         self.policy = policy
         self.read_deadline = trio.current_time() + policy.read_timeout
         # The keep-alive timer (see _idle_timeout): idle until the first request.
-        self._idle_deadline = trio.current_time() + config.keep_alive_timeout
-        self._idle_scope: trio.CancelScope | None = None
+        self._idle_since: float | None = trio.current_time()
         self._idle_changed: trio.Event | None = None
 
     def close_socket(self) -> None:
@@ -334,39 +333,43 @@ class RelayConnection(TCPServer):
             self._set_idle(event.idle)
 
     def _set_idle(self, idle: bool) -> None:
-        """Move the keep-alive deadline: ``keep_alive_timeout`` from now while the connection
-        is idle, none while it serves a request. Synchronous: no checkpoint can lose it."""
-        deadline = trio.current_time() + self.config.keep_alive_timeout if idle else inf
-        self._idle_deadline = deadline
-        if self._idle_scope is not None:
-            self._idle_scope.deadline = deadline
-        if idle and self._idle_changed is not None:
-            self._idle_changed.set()
+        """Record that the connection went idle (now) or started serving a request.
+        Synchronous and O(1): two attribute writes, no deadline to move (the timer task
+        re-reads this when its deadline passes)."""
+        if idle:
+            self._idle_since = trio.current_time()
+            if self._idle_changed is not None:
+                self._idle_changed.set()
+        else:
+            self._idle_since = None
 
     async def _idle_timeout(self) -> None:
-        """The keep-alive timer: ONE task per connection (hypercorn's ``run`` starts it once),
-        whose deadline :meth:`_set_idle` moves, instead of hypercorn's new task per request
-        (a lock and a ``nursery.start`` each time: measured ~300 us of CPU per request,
-        ~40% of a single-report POST). Closes the connection once it has been idle for
-        ``keep_alive_timeout``, or when the server terminates (a request in progress is let
-        finish first), like hypercorn's timer."""
+        """The keep-alive timer: ONE task per connection (hypercorn's ``run`` starts it once)
+        instead of hypercorn's new task per request (a lock and a ``nursery.start`` each
+        time: measured ~300 us of CPU per request, ~40% of a single-report POST).
+
+        Lazy: a request only records when the connection went idle (:meth:`_set_idle`);
+        this task sleeps until the recorded moment plus ``keep_alive_timeout`` and then
+        looks again, so a busy connection costs nothing per request. Closes the connection
+        once it has been idle for ``keep_alive_timeout``, or when the server terminates (a
+        request in progress is let finish first), like hypercorn's timer."""
         terminated = self.context.terminated
+        keep_alive = self.config.keep_alive_timeout
         while True:
-            with trio.CancelScope(deadline=self._idle_deadline) as scope:
-                self._idle_scope = scope
-                try:
-                    await terminated.wait()
-                finally:
-                    self._idle_scope = None
-            if self._idle_deadline == inf:
-                # Terminated while serving a request: close once the response is done.
+            since = self._idle_since
+            if since is None:
+                # Serving a request: nothing to time until it is done.
                 self._idle_changed = trio.Event()
                 await self._idle_changed.wait()
                 self._idle_changed = None
                 continue
-            if scope.cancelled_caught and trio.current_time() < self._idle_deadline:
-                continue  # the deadline moved later meanwhile
-            break
+            with trio.move_on_at(since + keep_alive) as scope:
+                await terminated.wait()
+            if self._idle_since is None:
+                continue  # a request started meanwhile
+            if scope.cancelled_caught and self._idle_since != since:
+                continue  # idle again since a later request: time from then
+            break  # idle for keep_alive_timeout, or terminated while idle
         with trio.CancelScope(shield=True):
             await self.protocol.handle(Closed())
             await self.stream.aclose()
