@@ -314,6 +314,7 @@ class Delivery:
                 state.acked_seq = max(state.acked_seq, seq)
                 if state.pending_message_id == message_id:
                     state.pending_message_id = None
+                    state.trace = None  # only a pending message's retries need it
                 # Release the cached payload only if it is the one this ACK covers.
                 if state.payload_seq == seq:
                     state.payload = None
