@@ -318,11 +318,11 @@ fixed in the product and re-measured; before/after figures are from A/B runs on 
   and `strace -c` shows the same syscalls per request, yet under wrk the server spends
   ~15% more user CPU per request (A/B alternating, both orders), and callgrind's cache
   simulation shows fewer misses too. Serving with hypercorn's own `TCPServer` instead of
-  the hardened `RelayConnection` (issue 11: read deadline, write watchdog, connection
-  table) brings it back to 35ebfe8's figure (659-817 vs 847-882 us, interleaved), so the
-  remaining cost is in that class under real concurrency, not in the split; skipping its
-  `_track` bookkeeping or writing through hypercorn's locked `send_all` did not help. The
-  default `sqlite` store is at 0.98x of 35ebfe8 on single POSTs.
+  the hardened `RelayConnection` (issue 11) looked like it closed the gap in one
+  interleaved series (659-817 vs 847-882 us) but not in a later one (860 vs 910 us):
+  inconclusive at this machine's noise. Skipping `_track` or writing through hypercorn's
+  locked `send_all` did not help. The default `sqlite` store is at 0.98x of 35ebfe8 on
+  single POSTs.
 * **Durable store and the split.** The "before" rows run commit 35ebfe8 (in memory, no
   store) from a git worktree in the same run. `python -m benchmarks.admit_cost STORE`
   measures in-process admission + delivery (500-report batches, every report acknowledged
