@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import trio
 
 from ._common import Child, machine_info, raise_fd_limit
+from .cluster_ingest import AckUpstream, batch_phase, single_phase
 from .scenarios import ratio
 
 SUBSCRIBERS = 1000
@@ -138,22 +138,6 @@ def fanout(duration: float, tmp: Path, log: Any) -> dict[str, Any]:
 # -- ingest -----------------------------------------------------------------------------
 
 
-class AckUpstream:
-    url = "http://bench.invalid/"
-
-    async def send_batch(self, batch: Any, attempt_deadline: float) -> list[Any]:
-        from relay_trio.upstreams.base import SendResult, SendStatus
-
-        await trio.lowlevel.checkpoint()
-        return [SendResult(SendStatus.ACKED)] * len(batch)
-
-    async def probe(self) -> bool:
-        return True
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-
 async def ingest_run(  # noqa: PLR0917 - called through trio.run
     kind: str, nats_url: str, tmp: Path, n: int, nodes: int, tag: str
 ) -> dict[str, float]:
@@ -186,35 +170,8 @@ async def ingest_run(  # noqa: PLR0917 - called through trio.run
             urls.append((await nursery.start(server.serve))[0])
         clients = [httpx.AsyncClient(base_url=urls[i % nodes], timeout=30) for i in range(8)]
         per = n // 4
-
-        async def post_batches(c: httpx.AsyncClient, k: int) -> None:
-            for start in range(0, per, 200):
-                body = b"".join(
-                    orjson.dumps({"resource_id": f"{tag}-b{k}-{j}", "payload": {"j": j}}) + b"\n"
-                    for j in range(start, min(per, start + 200))
-                )
-                r = await c.post("/v1/reports:batch", content=body)
-                assert r.status_code == 200
-
-        t = time.perf_counter()
-        async with trio.open_nursery() as inner:
-            for k in range(4):
-                inner.start_soon(post_batches, clients[k], k)
-        out["batch"] = per * 4 / (time.perf_counter() - t)
-        single = n // 10 // 8
-
-        async def post_single(c: httpx.AsyncClient, k: int) -> None:
-            for j in range(single):
-                r = await c.post(
-                    "/v1/reports", json={"resource_id": f"{tag}-s{k}-{j}", "payload": {}}
-                )
-                assert r.status_code == 202, r.text
-
-        t = time.perf_counter()
-        async with trio.open_nursery() as inner:
-            for k in range(8):
-                inner.start_soon(post_single, clients[k], k)
-        out["single"] = single * 8 / (time.perf_counter() - t)
+        out["batch"] = await batch_phase(clients[:4], tag, per, 200)
+        out["single"] = await single_phase(clients, tag, n // 10 // 8)
         for c in clients:
             await c.aclose()
         if kind != "sqlite":

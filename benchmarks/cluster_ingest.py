@@ -70,6 +70,41 @@ async def stream_window(sock: trio.SocketStream, body: bytes, lines: int) -> Non
     assert got.count(b'"message_id"') == lines, got[:300]
 
 
+async def batch_phase(clients: list[httpx.AsyncClient], tag: str, per: int, batch: int) -> float:
+    """Each client posts ``per`` reports in batches of ``batch`` lines, concurrently;
+    returns admitted reports per second (every line must be admitted)."""
+
+    async def post_batches(c: httpx.AsyncClient, k: int) -> None:
+        for start in range(0, per, batch):
+            body = b"".join(
+                orjson.dumps({"resource_id": f"{tag}-b{k}-{j}", "payload": {"j": j}}) + b"\n"
+                for j in range(start, min(per, start + batch))
+            )
+            r = await c.post("/v1/reports:batch", content=body)
+            assert r.status_code == 200
+
+    t = time.perf_counter()
+    async with trio.open_nursery() as inner:
+        for k, client in enumerate(clients):
+            inner.start_soon(post_batches, client, k)
+    return per * len(clients) / (time.perf_counter() - t)
+
+
+async def single_phase(clients: list[httpx.AsyncClient], tag: str, single: int) -> float:
+    """Each client posts ``single`` single reports (202 each), concurrently; reports/s."""
+
+    async def post_single(c: httpx.AsyncClient, k: int) -> None:
+        for j in range(single):
+            r = await c.post("/v1/reports", json={"resource_id": f"{tag}-s{k}-{j}", "payload": {}})
+            assert r.status_code == 202, r.text
+
+    t = time.perf_counter()
+    async with trio.open_nursery() as inner:
+        for k, client in enumerate(clients):
+            inner.start_soon(post_single, client, k)
+    return single * len(clients) / (time.perf_counter() - t)
+
+
 async def measure(  # noqa: PLR0917 - called through trio.run
     kind: str, nats_url: str, tmp: Path, n: int, batch: int, window: int, nodes: int
 ) -> dict[str, float]:
@@ -99,24 +134,8 @@ async def measure(  # noqa: PLR0917 - called through trio.run
             streams.append(parse_listen(server.receiver.bound[0]))
             nursery.start_soon(trio.sleep_forever)
         clients = [httpx.AsyncClient(base_url=urls[i % nodes], timeout=30) for i in range(8)]
-        # batch
         per = n // 4
-
-        async def post_batches(c: httpx.AsyncClient, k: int) -> None:
-            for start in range(0, per, batch):
-                body = b"".join(
-                    orjson.dumps({"resource_id": f"{kind}{nodes}-b{k}-{j}", "payload": {"j": j}})
-                    + b"\n"
-                    for j in range(start, min(per, start + batch))
-                )
-                r = await c.post("/v1/reports:batch", content=body)
-                assert r.status_code == 200
-
-        t = time.perf_counter()
-        async with trio.open_nursery() as inner:
-            for k in range(4):
-                inner.start_soon(post_batches, clients[k], k)
-        out["batch"] = per * 4 / (time.perf_counter() - t)
+        out["batch"] = await batch_phase(clients[:4], f"{kind}{nodes}", per, batch)
 
         async def push_stream(k: int) -> None:
             address = streams[k % nodes]
@@ -136,20 +155,7 @@ async def measure(  # noqa: PLR0917 - called through trio.run
             for k in range(4):
                 inner.start_soon(push_stream, k)
         out["stream"] = per * 4 / (time.perf_counter() - t)
-        single = n // 10 // 8
-
-        async def post_single(c: httpx.AsyncClient, k: int) -> None:
-            for j in range(single):
-                r = await c.post(
-                    "/v1/reports", json={"resource_id": f"{kind}{nodes}-s{k}-{j}", "payload": {}}
-                )
-                assert r.status_code == 202, r.text
-
-        t = time.perf_counter()
-        async with trio.open_nursery() as inner:
-            for k in range(8):
-                inner.start_soon(post_single, clients[k], k)
-        out["single"] = single * 8 / (time.perf_counter() - t)
+        out["single"] = await single_phase(clients, f"{kind}{nodes}", n // 10 // 8)
         for c in clients:
             await c.aclose()
         nursery.cancel_scope.cancel()
