@@ -232,9 +232,10 @@ class Admission:
     async def durable(self) -> None:
         """Wait until everything admitted so far is committed to the store.
 
-        A checkpoint (only a cancellation point when nothing was ever staged). Raises :class:`~relay_trio.stores.base.StoreError` if the commit failed
-        (the front door answers 503: the report may still be delivered, but no 2xx was
-        promised). Cancellation does not undo the admission.
+        A checkpoint (only a cancellation point when nothing was ever staged). Raises
+        :class:`~relay_trio.stores.base.StoreError` if the commit failed (the front door
+        answers 503: the report may still be delivered, but no 2xx was promised).
+        Cancellation does not undo the admission.
         """
         ticket = self._ticket
         if ticket is None:
