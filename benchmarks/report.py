@@ -308,21 +308,21 @@ fixed in the product and re-measured; before/after figures are from A/B runs on 
 * **Single POSTs (second pass).** CPU per request of the server process (all threads, from
   `/proc`, same run, alternating): hypercorn's keep-alive timer started a task per request
   (a lock and a `nursery.start`): ~1100 -> ~790 us per request once replaced by one timer
-  task per connection whose deadline moves. The file upstream's fall-back to its worker
+  task per connection (it re-reads when the connection went idle). The file upstream's fall-back to its worker
   thread tripped on a single 2-8 ms append (a preemption of the busy process, not a slow
   disk) and then cost a thread hop per report for 60 s; it now needs 3 slow appends in a
   row or one over 50 ms. `durable()` with nothing staged (memory store) no longer yields
-  to the scheduler. What remains against 35ebfe8 with `store=memory` is unexplained:
+  to the scheduler. What remains against 35ebfe8 with `store=memory` is located, not explained:
   under callgrind (server process, 1000 POSTs over 32 connections, deterministic) a request
   now costs 2.46M instructions against 2.74M for 35ebfe8 (1 connection: 2.62M vs 2.91M),
   and `strace -c` shows the same syscalls per request, yet under wrk the server spends
   ~15% more user CPU per request (A/B alternating, both orders), and callgrind's cache
-  simulation shows fewer misses too. Serving with hypercorn's own `TCPServer` instead of
-  the hardened `RelayConnection` (issue 11) looked like it closed the gap in one
-  interleaved series (659-817 vs 847-882 us) but not in a later one (860 vs 910 us):
-  inconclusive at this machine's noise. Skipping `_track` or writing through hypercorn's
-  locked `send_all` did not help. The default `sqlite` store is at 0.98x of 35ebfe8 on
-  single POSTs.
+  simulation shows fewer misses too. With the server pinned to one core and wrk to the
+  other (interleaved runs): 35ebfe8 550-640 us per request, now 664-733 us, now served by
+  hypercorn's own `TCPServer` instead of the hardened `RelayConnection` (issue 11)
+  580-594 us. The remaining cost is inside that class; none of its parts tried alone (the
+  fast write path, the `Updated` bookkeeping, a checkpoint after it) recovers it. The
+  default `sqlite` store is at 0.98x of 35ebfe8 on single POSTs.
 * **Durable store and the split.** The "before" rows run commit 35ebfe8 (in memory, no
   store) from a git worktree in the same run. `python -m benchmarks.admit_cost STORE`
   measures in-process admission + delivery (500-report batches, every report acknowledged
