@@ -10,8 +10,9 @@ The path of one report: front door → :meth:`Admission.admit` (bucket, id, stag
 store, hand to delivery) → the front door awaits :meth:`Admission.durable` → 2xx. Delivery's
 senders send it; an ACK comes back through :meth:`Delivery.acknowledge`.
 
-Longer than 400 lines: besides wiring, the composition root holds the two views that
-read every part at once (``/v1/status`` and the resource view) and the recovery at start.
+Longer than 400 lines: besides wiring (single node, or the cluster node of
+:mod:`relay_trio.cluster` with ``store = "nats"``), the composition root holds the two views
+that read every part at once (``/v1/status`` and the resource view) and the recovery at start.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ writes. The HTTP front door needs all three (seed 002, issue 11 finding 4), so t
   below, and bookkeeping in a :class:`ConnectionTable` so that a full front door can
   close the oldest connection that is not serving a request.
 
-The module is longer than ~400 lines on purpose: every line that depends on hypercorn's
+Longer than 400 lines on purpose: every line that depends on hypercorn's
 internals lives here, so an upgrade is reviewed in one file.
 
 Nothing is monkeypatched: other hypercorn servers in the process keep hypercorn's
@@ -38,9 +38,6 @@ same with this app), but it passed these events through unshielded.
 ``shutdown(2)`` and ``close(2)``), and ``Updated`` without any checkpoint: the keep-alive
 timer is one task per connection that re-reads when the connection went idle
 (:meth:`RelayConnection._idle_timeout`), not a task started per request.
-
-Longer than 400 lines on purpose: every use of hypercorn's internals is quarantined
-here, so an upgrade has exactly one module to re-read.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from ..core.webhooks import TraceContext
 from ..metrics import RelayMetrics, Tally
 from ..stores.base import (
     Changes,
+    DeleteMessage,
     IdempotencyRecord,
     MessageRecord,
     Op,
@@ -288,15 +289,11 @@ class Admission:
             upstream,
             trace_meta(trace),
         )
-        if changes is None and not isinstance(superseded, str):
-            self._stage_ops([resource, message])
-            return
-        if changes is None:
-            changes = Changes()
+        ops: list[Op] = [] if changes is None else changes.ops
         if isinstance(superseded, str):
-            changes.delete_message(superseded)
-        changes.ops += (resource, message)
-        self._stage_ops(changes.ops)
+            ops.append(DeleteMessage(superseded))
+        ops += (resource, message)
+        self._stage_ops(ops)
 
     def _stage_ops(self, ops: list[Op]) -> None:
         batch = self._batch_ops
