@@ -21,6 +21,7 @@ from hypercorn.config import Config as HyperConfig
 from .core.config import RelayConfig
 from .core.listen import parse_listen
 from .http.app import create_app
+from .http.fast_lane import FastLane
 from .http.hypercorn_patch import (
     ConnectionTable,
     FrontDoorPolicy,
@@ -200,6 +201,8 @@ class RelayServer:
         ),
     )
     exit_reason: str = attrs.field(init=False, default="")
+    #: The HTTP application being served (set by :meth:`serve`).
+    http_app: FastLane | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self.relay.expose_front_door("http", HTTP_FRONT_DOOR_FIGURES, self.front_door.counters)
@@ -237,7 +240,7 @@ class RelayServer:
         """
         check_hypercorn_version()
         relay = self.relay
-        app = create_app(relay)
+        app = self.http_app = FastLane(create_app(relay), relay)
         shutdown = Shutdown(self.config, relay, self.notifier)
         # The write watchdog outlives the root scope: when the root is cancelled, a write
         # hypercorn shields may still be blocked on a peer that never reads, and only the

@@ -54,6 +54,9 @@ __all__ = [
 
 def reply_line(result: Accepted | Problem, line: int) -> bytes:
     """The NDJSON reply to input line ``line`` (1-based), newline included. Pure."""
+    if isinstance(result, Accepted) and not result.replayed:
+        # The common reply, one per admitted report: formatted directly (same bytes).
+        return b'{"message_id":%s,"line":%d}\n' % (orjson.dumps(result.message_id), line)
     body = reply_for(result)
     body["line"] = line
     return orjson.dumps(body) + b"\n"

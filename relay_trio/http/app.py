@@ -6,11 +6,10 @@ produces a 500.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import trio
@@ -20,19 +19,13 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..core.events import MAX_PAGE, render_page
 from ..core.ids import CURSOR_MAX
-from ..core.limiter import retry_after_header
-from ..core.line_protocol import reply_line
-from ..core.model import (
-    Accepted,
-    Problem,
-    empty_batch,
-    too_large,
-    validate_ack,
-)
+from ..core.model import Problem, too_large, validate_ack
 from ..services.hub import HistoryUnavailable, SubscriberLimit
 from ..stores.base import StoreError
+from .ingest import JSON, IngestRoutes, Reply, problem_reply
 from .openapi import openapi_document
 from .params import (
+    bearer_problem,
     dead_letter_query,
     decode_json,
     int_param,
@@ -40,7 +33,6 @@ from .params import (
     redrive_request,
     store_unavailable,
     topic_param,
-    with_contract_headers,
 )
 from .statuspage import STATUS_PAGE, static_assets
 
@@ -49,19 +41,16 @@ if TYPE_CHECKING:  # the composition root sits above the front doors
 
 log = logging.getLogger("relay_trio.http")
 
-PROBLEM_JSON: Final = "application/problem+json"
-JSON: Final = "application/json"
-NDJSON: Final = "application/x-ndjson"
-
 
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> Response:
     """A problem+json response; 429/503 carry ``Retry-After``."""
-    response = Response(
-        orjson.dumps(problem.to_dict()), status=problem.status, content_type=PROBLEM_JSON
-    )
-    if problem.retry_after is not None:
-        response.headers["Retry-After"] = retry_after_header(problem.retry_after)
-    for key, value in (headers or {}).items():
+    return reply_response(problem_reply(problem, tuple((headers or {}).items())))
+
+
+def reply_response(reply: Reply) -> Response:
+    """The Quart response for a framework-free :class:`~relay_trio.http.ingest.Reply`."""
+    response = Response(reply.body, status=reply.status, content_type=reply.content_type)
+    for key, value in reply.headers:
         response.headers[key] = value
     return response
 
@@ -86,16 +75,7 @@ def create_app(relay: Relay) -> QuartTrio:
     }
 
     def auth_problem(scope: str) -> Problem | None:
-        expected = tokens[scope]
-        if expected is None:
-            return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            return Problem(401, "unauthorized", "Missing bearer token", f"{scope} token required")
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            return Problem(403, "forbidden", "Wrong token", f"token not valid for {scope}")
-        return None
+        return bearer_problem(tokens[scope], request.headers.get("Authorization"), scope)
 
     async def read_body(limit: int) -> bytes | Problem:
         if request.content_length is not None and request.content_length > limit:
@@ -161,14 +141,10 @@ def create_app(relay: Relay) -> QuartTrio:
         log.exception("internal error on %s %s", request.method, request.path)
         return problem_response(Problem(500, "internal", "Internal error", type(error).__name__))
 
-    def count_refused(reason: str) -> None:
-        # Reports refused before admission still count as received, so that received ==
-        # admitted + rejected. A batch refused as a whole is not counted: its size is unknown.
-        relay.metrics.reports_received.inc()
-        relay.metrics.rejected[reason].inc()
+    ingest = IngestRoutes(relay)
 
     def refused(problem: Problem, reason: str) -> Response:
-        count_refused(reason)
+        ingest.count_refused(reason)
         return problem_response(problem)
 
     @app.post("/v1/reports")
@@ -176,89 +152,14 @@ def create_app(relay: Relay) -> QuartTrio:
         body = await authorized_body("ingest", config.max_body_bytes)
         if isinstance(body, Problem):
             return refused(body, "too_large" if body.status == 413 else "unauthorized")
-        obj = decode_json(body)
-        if isinstance(obj, Problem):
-            return refused(obj, "malformed")
-        if isinstance(obj, dict):
-            contract = with_contract_headers(obj, request.headers.get)
-            if isinstance(contract, Problem):
-                count_refused("invalid")
-                return problem_response(contract)
-            obj = contract
-        # Cluster mode: admission is a JetStream round trip; Accepted means stored.
-        result = relay.admit(obj) if not relay.cluster else (await relay.admit_cluster([obj]))[0]
-        if isinstance(result, Accepted) and relay.cluster is None:
-            # A 2xx promises durability: answer only once the store has the report.
-            try:
-                await relay.durable()
-            except StoreError as exc:
-                return problem_response(store_unavailable(exc))
-        if isinstance(result, Accepted):
-            response = Response(
-                orjson.dumps({"message_id": result.message_id}), status=202, content_type=JSON
-            )
-            if result.replayed:
-                response.headers["Idempotent-Replayed"] = "true"
-            return response
-        return problem_response(result)
-
-    def admit_lines(
-        lines: list[tuple[int, bytes]],
-        results: list[tuple[int, Accepted | Problem]],
-        clustered: list[tuple[int, object]],
-    ) -> None:
-        """Decode and admit each batch line in order into ``results``; in cluster mode the
-        decoded reports go to ``clustered`` (their results are decided in one call)."""
-        for number, line in lines:
-            if len(line) > config.max_body_bytes:
-                result: Accepted | Problem = too_large(config.max_body_bytes)
-                count_refused("too_large")
-            else:
-                obj = decode_json(line)
-                if isinstance(obj, Problem):
-                    count_refused("malformed")
-                if relay.cluster is not None and not isinstance(obj, Problem):
-                    clustered.append((len(results), obj))
-                    result = Problem(503, "cluster-pending", "Not decided yet")
-                else:
-                    result = obj if isinstance(obj, Problem) else relay.admit(obj)
-            results.append((number, result))
+        return reply_response(await ingest.report(body, request.headers.get))
 
     @app.post("/v1/reports:batch")
     async def post_batch() -> Response:
         body = await authorized_body("ingest", config.batch_max_bytes)
         if isinstance(body, Problem):
             return problem_response(body)
-        # Blank lines get no result, but keep their number: each result names its input line.
-        lines = [(n, line) for n, line in enumerate(body.split(b"\n"), 1) if line.strip()]
-        if not lines:
-            return problem_response(empty_batch())
-        if len(lines) > config.batch_max_lines:
-            return problem_response(
-                Problem(
-                    413,
-                    "too-many-lines",
-                    "Too many reports",
-                    f"at most {config.batch_max_lines} lines",
-                )
-            )
-        results: list[tuple[int, Accepted | Problem]] = []
-        clustered: list[tuple[int, object]] = []
-        with relay.batch():  # one store change set for the whole request
-            admit_lines(lines, results, clustered)
-        if clustered:
-            # Cluster mode: one bridged call admits and stores every line (in order).
-            answers = await relay.admit_cluster([obj for _, obj in clustered])
-            for (at, _), answer in zip(clustered, answers, strict=True):
-                results[at] = (results[at][0], answer)
-        elif any(isinstance(r, Accepted) for _, r in results):
-            # One commit for the whole batch; no line says "accepted" before it is stored.
-            try:
-                await relay.durable()
-            except StoreError as exc:
-                return problem_response(store_unavailable(exc))
-        out = [reply_line(result, number) for number, result in results]
-        return Response(b"".join(out), status=200, content_type=NDJSON)
+        return reply_response(await ingest.batch(body))
 
     async def authorized_json(scope: str) -> object | Problem:
         """The request's JSON body, after the ``scope`` token check and the size limit."""

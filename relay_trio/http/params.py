@@ -5,6 +5,7 @@ answering a 422 problem that names it. Pure functions of their input (and of qua
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -45,6 +46,20 @@ def int_param(name: str, default: int | None, low: int, high: int) -> int | Prob
     """The bounded integer query parameter ``name`` (``default`` when absent), or a 422."""
     raw = request.args.get(name)
     return default if raw is None else int_value(name, raw, low, high)
+
+
+def bearer_problem(expected: str | None, authorization: str | None, scope: str) -> Problem | None:
+    """The one bearer-token check of every HTTP route: ``None`` when ``scope`` needs no token
+    or ``authorization`` (the request's header, ``None`` when absent) carries the right one;
+    else 401 (missing) or 403 (wrong). Constant-time comparison."""
+    if expected is None:
+        return None
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return Problem(401, "unauthorized", "Missing bearer token", f"{scope} token required")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        return Problem(403, "forbidden", "Wrong token", f"token not valid for {scope}")
+    return None
 
 
 def store_unavailable(exc: Exception) -> Problem:
