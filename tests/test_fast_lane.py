@@ -50,7 +50,12 @@ CASES: list[tuple[str, str, bytes, dict[str, str]]] = [
     ("invalid", "/v1/reports", b'{"resource_id": "", "payload": 1}', {}),
     ("not an object", "/v1/reports", b"[1, 2]", {}),
     ("empty body", "/v1/reports", b"", {}),
-    ("bad key", "/v1/reports", b'{"resource_id": "%s", "payload": 1}', {"Idempotency-Key": "k" * 1000}),
+    (
+        "bad key",
+        "/v1/reports",
+        b'{"resource_id": "%s", "payload": 1}',
+        {"Idempotency-Key": "k" * 1000},
+    ),
     ("batch", "/v1/reports:batch", b'{"resource_id": "%s", "payload": 1}\n\nnot json\n', {}),
     ("empty batch", "/v1/reports:batch", b"\n\n", {}),
 ]
@@ -140,8 +145,7 @@ async def test_latency_is_observed_for_the_route(tmp_path: Path) -> None:
     line = next(
         x
         for x in metrics.splitlines()
-        if x.startswith("relay_http_request_duration_seconds_count")
-        and 'route="/v1/reports"' in x
+        if x.startswith("relay_http_request_duration_seconds_count") and 'route="/v1/reports"' in x
     )
     assert float(line.rsplit(" ", 1)[1]) == 3.0
 
@@ -155,7 +159,7 @@ async def test_client_leaving_mid_body_is_not_an_error(
         with caplog.at_level(logging.ERROR):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             await stream.send_all(
-                b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{\"resou"
+                b'POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"resou'
             )
             await trio.sleep(0.05)
             await stream.aclose()
@@ -163,4 +167,5 @@ async def test_client_leaving_mid_body_is_not_an_error(
             after = await client.post("/v1/reports", content=b'{"resource_id": "r9", "payload": 1}')
         assert after.status_code == 202
         assert relay.metrics.reports_admitted.value == 1
+        assert lane(server).served == 1  # the abandoned request got no answer
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
