@@ -312,17 +312,20 @@ fixed in the product and re-measured; before/after figures are from A/B runs on 
   thread tripped on a single 2-8 ms append (a preemption of the busy process, not a slow
   disk) and then cost a thread hop per report for 60 s; it now needs 3 slow appends in a
   row or one over 50 ms. `durable()` with nothing staged (memory store) no longer yields
-  to the scheduler. What remains against 35ebfe8 with `store=memory` is located, not explained:
-  under callgrind (server process, 1000 POSTs over 32 connections, deterministic) a request
-  now costs 2.46M instructions against 2.74M for 35ebfe8 (1 connection: 2.62M vs 2.91M),
-  and `strace -c` shows the same syscalls per request, yet under wrk the server spends
-  ~15% more user CPU per request (A/B alternating, both orders), and callgrind's cache
-  simulation shows fewer misses too. With the server pinned to one core and wrk to the
-  other (interleaved runs): 35ebfe8 550-640 us per request, now 664-733 us, now served by
-  hypercorn's own `TCPServer` instead of the hardened `RelayConnection` (issue 11)
-  580-594 us. The remaining cost is inside that class; none of its parts tried alone (the
-  fast write path, the `Updated` bookkeeping, a checkpoint after it) recovers it. The
-  default `sqlite` store is at 0.98x of 35ebfe8 on single POSTs.
+  to the scheduler. That left single POSTs with `store=memory` at 0.86x of 35ebfe8: under
+  callgrind a request cost fewer instructions than 35ebfe8's (2.46M vs 2.74M) yet ~15% more
+  user CPU under wrk, and pinned runs located the rest in the hardened `RelayConnection`
+  without explaining it (no part of it, removed alone, recovered it).
+* **Single POSTs (third pass): the ASGI fast lane.** A pinned A/B (server on one core, wrk
+  on the other, CPU of the server process from `/proc`) with a 20-line raw ASGI handler in
+  front of Quart showed Quart's per-request machinery (request context and `g`, hooks,
+  werkzeug headers and `Response`, the disconnect-watching task) to be about half of a
+  single POST: ~700 -> ~345 us of CPU per request. `http/fast_lane.py` now answers ordinary
+  `POST /v1/reports` and `POST /v1/reports:batch` requests (token valid, `Content-Length`
+  within the limit, no `Expect`) straight from ASGI; everything else goes to Quart, and both
+  answer through `http/ingest.py`. Pinned, interleaved: 35ebfe8 558-649 us per request,
+  now 312-346 us. Under wrk the relay now answers more single POSTs than the bare
+  quart-trio app does.
 * **Durable store and the split.** The "before" rows run commit 35ebfe8 (in memory, no
   store) from a git worktree in the same run. `python -m benchmarks.admit_cost STORE`
   measures in-process admission + delivery (500-report batches, every report acknowledged
