@@ -1,5 +1,9 @@
 """HTTP routes (quart-trio). Routes only: every decision is made by the :class:`Relay`.
 
+The ingest routes answer through :class:`~relay_trio.http.ingest.IngestRoutes`; their
+ordinary requests never reach Quart (:mod:`relay_trio.http.fast_lane` serves them), so the
+routes here handle the rest: a bad token, an oversized or chunked body, ``Expect``.
+
 Every 4xx/5xx is ``application/problem+json`` with a stable ``type``; bad input never
 produces a 500.
 """
