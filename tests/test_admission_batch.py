@@ -3,13 +3,16 @@ the store ends up holding is exactly what admitting the reports one by one would
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import orjson
 import pytest
 import trio
 from relay_helpers import memory_relay
 
 from relay_trio.core.model import Accepted
+from relay_trio.services.publisher import EVENT_ID_BLOCK
 from relay_trio.stores.base import Changes, MessageRecord, Ticket
 from relay_trio.stores.sqlite import SqliteStore
 from relay_trio.stores.sqlite_file import SqliteFile
@@ -66,3 +69,52 @@ async def test_an_eviction_inside_a_batch_is_stored_in_order(tmp_path: Path) -> 
     assert sorted(r.resource_id for r in recovered.resources) == ["r1", "r2"]
     assert recovered.dead_letters == 1
     assert recovered.meta["seq_floor"] == 1  # r0's sequence is never reused
+
+
+async def test_a_batch_publishes_its_events_together_in_order(tmp_path: Path) -> None:
+    # max_resources=2 and burst=1: r0 and r1 admitted, r0 again rate-limited (a drops
+    # event), r2 evicts a resource (a deadletter event). Inside one block the ring must end
+    # up with exactly the events publishing one by one gives, in the same order, and
+    # nothing before the block ends.
+    async def run(batched: bool, where: Path) -> list[tuple[str, object]]:
+        relay, _ = memory_relay(where, mode="sent", max_resources=2, burst=1, rate_per_minute=1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.run)
+            ring = relay.hub.ring
+            start = ring.last_id
+            with relay.batch() if batched else contextlib.nullcontext():
+                for rid, n in (("r0", 0), ("r1", 0), ("r0", 1), ("r2", 0)):
+                    relay.admit(report(rid, n))
+                if batched:
+                    assert ring.last_id == start  # published when the block ends
+            events = ring.page(start, 100).events
+            nursery.cancel_scope.cancel()
+        assert [e.id for e in events] == list(range(start + 1, start + 1 + len(events)))
+        if batched:
+            assert len({orjson.loads(e.json)["at"] for e in events}) == 1
+        return [(e.topic, orjson.loads(e.json)["data"]) for e in events]
+
+    one_by_one = await run(False, tmp_path / "a")
+    together = await run(True, tmp_path / "b")
+    assert together == one_by_one
+    assert [topic for topic, _ in together] == [
+        "reports",
+        "reports",
+        "drops",
+        "reports",
+        "deadletter",
+    ]
+
+
+async def test_a_batch_larger_than_the_reserve_margin_reserves_first(tmp_path: Path) -> None:
+    relay, _ = memory_relay(tmp_path, mode="sent")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        publisher = relay.events
+        n = EVENT_ID_BLOCK  # more events than the half block of headroom
+        with publisher.batch():
+            for i in range(n):
+                publisher.publish("system", {"n": i})
+        # Every id handed out stays at least half a block below the reserved mark.
+        assert relay.hub.ring.last_id <= publisher.reserved - EVENT_ID_BLOCK // 2
+        nursery.cancel_scope.cancel()

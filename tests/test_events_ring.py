@@ -42,6 +42,37 @@ def test_publish_encodes_json_and_sse_once() -> None:
     assert ring.publish("acks", {}, AT).id == 2
 
 
+def test_publish_many_equals_publishing_one_by_one() -> None:
+    items = [("reports", {"n": i, "pad": "p" * (i * 37 % 300)}) for i in range(40)]
+    items[7] = ("acks", {"message_id": "r:1"})
+    one, many = EventRing(25, 6000), EventRing(25, 6000)
+    singles = [one.publish(topic, data, AT) for topic, data in items]
+    batch = many.publish_many(items, AT)
+    assert batch == singles
+    assert all(type(e) is Event for e in batch)
+    assert (len(many), many.first_id, many.last_id, many.bytes_used) == (
+        len(one),
+        one.first_id,
+        one.last_id,
+        one.bytes_used,
+    )
+    for topic in (None, "reports", "acks"):
+        assert many.page(None, 1000, topic) == one.page(None, 1000, topic)
+    assert many.publish_many([], AT) == []
+    assert many.last_id == 40
+
+
+def test_bad_publish_many_leaves_ring_unchanged() -> None:
+    ring = EventRing(3, 1000)
+    ring.publish("reports", {}, AT)
+    with pytest.raises(ValueError, match="unknown topic"):
+        ring.publish_many([("reports", {}), ("nope", {})], AT)
+    with pytest.raises(TypeError):
+        ring.publish_many([("reports", {}), ("reports", {"x": object()})], AT)
+    assert (len(ring), ring.last_id) == (1, 1)
+    assert [e.id for e in ring.publish_many([("acks", {}), ("drops", {})], AT)] == [2, 3]
+
+
 def test_empty_ring() -> None:
     ring = EventRing(3, 1000)
     assert (len(ring), ring.first_id, ring.last_id, ring.bytes_used) == (0, 1, 0, 0)
@@ -214,6 +245,14 @@ class RingMachine(RuleBasedStateMachine):
         ev = self.ring.publish(topic, {"pad": "p" * size}, AT)
         assert ev.id == len(self.all) + 1
         self.all.append(ev)
+
+    @rule(items=st.lists(st.tuples(st.sampled_from(TOPIC_LIST), st.integers(0, 600)), max_size=8))
+    def publish_many(self, items: list[tuple[str, int]]) -> None:
+        made = self.ring.publish_many([(t, {"pad": "p" * size}) for t, size in items], AT)
+        assert [e.id for e in made] == list(
+            range(len(self.all) + 1, len(self.all) + 1 + len(items))
+        )
+        self.all.extend(made)
 
     @rule(
         after=st.none() | st.integers(-2, 60),

@@ -306,7 +306,7 @@ class Admission:
     def batch(self) -> Iterator[None]:
         """Stage every admission made inside the block as ONE change set when it ends (one
         store call and one ticket for a whole batch request or stream read, not one per
-        report). For a synchronous block: no checkpoint inside. Anything else staged meanwhile
+        report), and publish its events together (:meth:`EventPublisher.batch`). For a synchronous block: no checkpoint inside. Anything else staged meanwhile
         (an eviction) first flushes what the block admitted so far, so the store sees every
         operation in the order it happened. :meth:`durable` after the block covers it all.
         """
@@ -315,7 +315,8 @@ class Admission:
             return
         self._batch_ops = []
         try:
-            yield
+            with self.events.batch():  # and publishes the block's events together
+                yield
         finally:
             self._flush_batch()
             self._batch_ops = None

@@ -235,7 +235,12 @@ class Delivery:
         """Feed one batch's send outcomes to the router, the UMH and the metrics.
 
         Called once per batch and upstream (the delivery hot path). Synchronous; never blocks.
+        The batch's events (``acks`` above all) are published together.
         """
+        with self.events.batch():
+            self._on_send_results(batch, results)
+
+    def _on_send_results(self, batch: Sequence[Outbound], results: Sequence[SendResult]) -> None:
         now = trio.current_time()
         router = self.router
         tallies = self._send_tallies

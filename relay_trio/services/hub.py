@@ -32,7 +32,7 @@ heartbeats, overflow, resumption) whose parts share the subscriber table.
 from __future__ import annotations
 
 import weakref
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol
 
@@ -354,6 +354,16 @@ class EventHub:
         if self._subs:
             self._queue_live(event)
         return event
+
+    def publish_many(self, items: Sequence[tuple[str, Mapping[str, Any]]], at: str) -> list[Event]:
+        """:meth:`publish` each ``(topic, data)`` in order (see
+        :meth:`EventRing.publish_many`). Synchronous; raises before anything is published."""
+        events = self.ring.publish_many(items, at)
+        self.published += len(events)
+        if self._subs:
+            for event in events:
+                self._queue_live(event)
+        return events
 
     def _queue_live(self, event: Event) -> None:
         """Queue ``event`` for the subscribers' next flush (wakes the flusher)."""
