@@ -25,7 +25,14 @@ from relay_trio.stores.base import (
 )
 from relay_trio.stores.memory import MemoryStore
 from relay_trio.stores.sqlite import SqliteStore
-from relay_trio.stores.sqlite_file import SCHEMA_VERSION, CommitResult, SqliteFile, SyncMode
+from relay_trio.stores.sqlite_file import (
+    MAX_ROWS,
+    SCHEMA_VERSION,
+    CommitResult,
+    SqliteFile,
+    SyncMode,
+    _pieces,
+)
 
 
 def report(i: int, rid: str = "vm") -> Changes:
@@ -320,3 +327,43 @@ async def test_run_before_open_is_an_error(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "relay.db", "normal", max_dead_letters=5)
     with pytest.raises(RuntimeError, match="open"):
         await store.run()
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 511, 512, 513, 1000])
+def test_pieces_cover_every_row_once_in_power_of_two_statements(n: int) -> None:
+    got = _pieces(n)
+    covered = [i for start, size in got for i in range(start, start + size)]
+    assert covered == list(range(n))
+    assert all(size <= MAX_ROWS and size & (size - 1) == 0 for _, size in got)
+    # Whole MAX_ROWS statements, then at most one statement per binary digit of the rest.
+    assert len(got) == n // MAX_ROWS + bin(n % MAX_ROWS).count("1")
+
+
+@pytest.mark.parametrize("n", [MAX_ROWS - 1, MAX_ROWS, MAX_ROWS + 1, 2 * MAX_ROWS + 3])
+async def test_commits_around_the_statement_size_write_every_row(tmp_path: Path, n: int) -> None:
+    # One change set per resource (its resource row and message), all in ONE commit; then
+    # half of them acknowledged (message deleted, resource updated) in a second one. What
+    # a reopen loads must equal the memory store given the same changes.
+    path = tmp_path / "relay.db"
+    store = SqliteStore(path, "normal", max_dead_letters=5)
+    memory = MemoryStore(max_dead_letters=5)
+    await store.open()
+    await memory.open()
+    admitted = [report(1, f"r{i}") for i in range(n)]
+    acked = []
+    for i in range(0, n, 2):
+        c = Changes()
+        c.delete_message(f"r{i}:1")
+        c.put_resource(ResourceRecord(f"r{i}", 1, 0.5, 200.0, 201.0, 1))
+        acked.append(c)
+    with trio.fail_after(20):
+        async with running(store):
+            for group in (admitted, acked):
+                tickets = [store.stage(c) for c in group]
+                for c in group:
+                    memory.stage(c)
+                await store.durable(tickets[-1])
+            assert store.stats().commits == 2
+    assert rows(path, "messages") == n // 2
+    assert rows(path, "resources") == n
+    assert await SqliteStore(path, "normal", max_dead_letters=5).open() == await memory.open()

@@ -12,8 +12,10 @@ index with ``bisect`` instead of scanning the log.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any, Final, NamedTuple
 
 import attrs
@@ -30,6 +32,9 @@ EVENT_OVERHEAD: Final = 192
 MAX_PAGE: Final = 1000
 
 _COMPACT_MIN: Final = 1024
+
+_TOPIC: Final = itemgetter(1)  # Event.topic
+_NBYTES: Final = itemgetter(4)  # Event.nbytes
 
 
 class Event(NamedTuple):
@@ -234,21 +239,35 @@ class EventRing:
                 raise ValueError(f"unknown topic {topic!r}")
         dumps = orjson.dumps
         new_event = tuple.__new__  # Event(...) without the named tuple's Python __new__
-        eid = self._next_id
+        first = eid = self._next_id
         made: list[Event] = []
-        for topic, data in items:
-            body = dumps({"id": eid, "topic": topic, "at": at, "data": data})
-            sse = b"id: %d%s%s\n\n" % (eid, by_topic[topic].sse_head, body)
-            made.append(
-                new_event(Event, (eid, topic, body, sse, len(body) + len(sse) + EVENT_OVERHEAD))
-            )
-            eid += 1
+        added = 0
+        # The JSON between the id and the data is the same for every event of a topic in
+        # one call: formatted once, so each event encodes only its data (same bytes as
+        # orjson.dumps of the whole object, keys in the same order).
+        middles: dict[str, bytes] = {}
+        try:
+            for topic, data in items:
+                index = by_topic[topic]
+                middle = middles.get(topic)
+                if middle is None:
+                    middle = middles[topic] = b',"topic":%s,"at":%s,"data":' % (
+                        dumps(topic),
+                        dumps(at),
+                    )
+                body = b'{"id":%d%s%s}' % (eid, middle, dumps(data))
+                sse = b"id: %d%s%s\n\n" % (eid, index.sse_head, body)
+                nbytes = len(body) + len(sse) + EVENT_OVERHEAD
+                made.append(new_event(Event, (eid, topic, body, sse, nbytes)))
+                index.ids.append(eid)
+                added += nbytes
+                eid += 1
+        except BaseException:
+            for index in by_topic.values():  # unserialisable data: take the ids back
+                del index.ids[bisect_left(index.ids, first, index.head) :]
+            raise
         self._next_id = eid
         self._events += made
-        added = 0
-        for event in made:
-            by_topic[event.topic].ids.append(event.id)
-            added += event.nbytes
         self._bytes += added
         if len(self._events) - self._head > self.max_count or self._bytes > self.max_bytes:
             self._trim()
@@ -286,6 +305,15 @@ class EventRing:
 
     def _trim(self) -> None:
         events = self._events
+        excess = len(events) - self._head - self.max_count
+        if excess > 1:
+            # Over the count cap by a batch's worth: drop those at once (they are the
+            # oldest, and would go one by one below anyway), iterating in C.
+            dropped = events[self._head : self._head + excess]
+            self._head += excess
+            self._bytes -= sum(map(_NBYTES, dropped))
+            for topic, n in Counter(map(_TOPIC, dropped)).items():
+                self._by_topic[topic].head += n
         while len(events) - self._head > self.max_count or (
             self._bytes > self.max_bytes and len(events) - self._head > 1
         ):
@@ -298,6 +326,11 @@ class EventRing:
             if index.head >= self.compact_min and index.head * 2 >= len(index.ids):
                 del index.ids[: index.head]
                 index.head = 0
+        if excess > 1:
+            for index in self._by_topic.values():
+                if index.head >= self.compact_min and index.head * 2 >= len(index.ids):
+                    del index.ids[: index.head]
+                    index.head = 0
         if self._head >= self.compact_min and self._head * 2 >= len(events):
             del events[: self._head]
             self._head = 0

@@ -12,9 +12,11 @@ the one class that uses them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
@@ -127,10 +129,56 @@ Version 0 is an empty file; the current version is ``len(MIGRATIONS)``."""
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-_PUT_RESOURCE = "INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, ?, ?)"
-_DELETE_RESOURCE = "DELETE FROM resources WHERE resource_id = ?"
-_PUT_MESSAGE = "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_DELETE_MESSAGE = "DELETE FROM messages WHERE message_id = ?"
+
+@attrs.frozen
+class _Table:
+    """A table written by key (last write per key wins): its name, key and column count."""
+
+    name: str
+    key: str
+    columns: int
+
+
+_RESOURCES: Final = _Table("resources", "resource_id", 6)
+_MESSAGES: Final = _Table("messages", "message_id", 10)
+_IDEMPOTENCY: Final = _Table("idempotency", "key", 4)
+
+#: Rows per multi-row statement at most. A commit writes its rows in a few statements of
+#: power-of-two sizes (so a handful of statement texts serve every batch and stay in the
+#: connection's cache) instead of one ``executemany`` step per row: the sqlite3 module
+#: releases the GIL around each step, and a step per row meant a GIL hand-off per row with
+#: the busy Trio thread (measured: writer and Trio thread together never above one core).
+MAX_ROWS: Final = 256
+
+
+def _pieces(n: int) -> list[tuple[int, int]]:
+    """``(start, size)`` pieces covering ``range(n)``: ``MAX_ROWS`` each, then the binary
+    digits of the remainder (every size a power of two)."""
+    out = []
+    start = 0
+    while n - start >= MAX_ROWS:
+        out.append((start, MAX_ROWS))
+        start += MAX_ROWS
+    size = MAX_ROWS // 2
+    while start < n:
+        if n - start >= size:
+            out.append((start, size))
+            start += size
+        size //= 2
+    return out
+
+
+@functools.cache
+def _put_sql(table: _Table, rows: int) -> str:
+    row = "(" + ",".join("?" * table.columns) + ")"
+    return f"INSERT OR REPLACE INTO {table.name} VALUES " + ",".join([row] * rows)
+
+
+@functools.cache
+def _delete_sql(table: _Table, rows: int) -> str:
+    return f"DELETE FROM {table.name} WHERE {table.key} IN ({','.join('?' * rows)})"
+
+
 _UPDATE_MESSAGE = "UPDATE messages SET attempts = ?, due_at = ? WHERE message_id = ?"
 _INSERT_DEAD_LETTER = "INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _DELETE_DEAD_LETTERS = "DELETE FROM dead_letters WHERE message_id = ?"
@@ -138,8 +186,6 @@ _PRUNE_DEAD_LETTERS = (
     "DELETE FROM dead_letters WHERE idx IN (SELECT idx FROM dead_letters ORDER BY idx LIMIT ?)"
 )
 _PUT_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
-_PUT_IDEMPOTENCY = "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)"
-_DELETE_IDEMPOTENCY = "DELETE FROM idempotency WHERE key = ?"
 
 MessageRow = tuple[str, str, int, str | None, bytes, float, bytes, float | None, str, bytes]
 DeadLetterRow = tuple[int, str, str, int, str | None, bytes, str, str, float, float, bytes]
@@ -419,22 +465,21 @@ class SqliteFile:
             try:
                 if resources:
                     # A ResourceRecord is already its row (same fields, same order).
-                    self._write(conn, _DELETE_RESOURCE, _PUT_RESOURCE, resources, None)
+                    self._write(conn, _RESOURCES, resources, None)
                 if messages:
                     # A message admitted and settled within this batch never reaches the
                     # file: only ids the file holds need a DELETE.
                     in_file = self._message_ids
                     self._write(
                         conn,
-                        _DELETE_MESSAGE,
-                        _PUT_MESSAGE,
+                        _MESSAGES,
                         {k: v for k, v in messages.items() if v is not None or k in in_file},
                         _message_row,
                     )
                 if updates:
                     conn.executemany(_UPDATE_MESSAGE, updates.values())
                 if keys:
-                    self._write(conn, _DELETE_IDEMPOTENCY, _PUT_IDEMPOTENCY, keys, tuple)
+                    self._write(conn, _IDEMPOTENCY, keys, tuple)
                 for insert, rows in runs:
                     if insert:
                         conn.executemany(_INSERT_DEAD_LETTER, rows)
@@ -481,22 +526,24 @@ class SqliteFile:
     @staticmethod
     def _write(
         conn: sqlite3.Connection,
-        delete_sql: str,
-        put_sql: str,
+        table: _Table,
         latest: dict[str, _R | None],
         row: Callable[[_R], tuple[object, ...]] | None,
     ) -> None:
         """Delete the keys mapped to ``None``, upsert the others (``row`` turns a record
-        into its row; ``None`` when the record already is one)."""
-        deletes = [(k,) for k, v in latest.items() if v is None]
-        if deletes:
-            conn.executemany(delete_sql, deletes)
+        into its row; ``None`` when the record already is one), a few multi-row statements
+        each (see :data:`MAX_ROWS`)."""
+        deletes = [k for k, v in latest.items() if v is None]
+        for start, size in _pieces(len(deletes)):
+            conn.execute(_delete_sql(table, size), deletes[start : start + size])
         if row is None:
             puts: list[Any] = [v for v in latest.values() if v is not None]
         else:
             puts = [row(v) for v in latest.values() if v is not None]
-        if puts:
-            conn.executemany(put_sql, puts)
+        flat = list(chain.from_iterable(puts))
+        width = table.columns
+        for start, size in _pieces(len(puts)):
+            conn.execute(_put_sql(table, size), flat[start * width : (start + size) * width])
 
     def query(self, q: DeadLetterQuery) -> DeadLetterPage:
         """One page of dead letters matching ``q``, oldest first. Blocks."""
