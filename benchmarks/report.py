@@ -348,9 +348,12 @@ fixed in the product and re-measured; before/after figures are from A/B runs on 
   with sqlite. (2) During sqlite bulk ingest the machine was half idle while the Trio
   thread and the writer together never used more than one core: `executemany` releases
   the GIL around each row's step, so every row was a GIL hand-off with the busy Trio
-  thread. The writer now upserts and deletes in a few multi-row statements (power-of-two
-  sizes, at most 256 rows): batch ingest with sqlite 22.7k -> 27-30k reports/s in A/B runs
-  (the full run above is lower; this machine varies by 20% between runs). The 3x
+  thread. The writer now upserts and deletes with one multi-row statement per 1024 rows
+  (the last padded to a power of two by repeating a row, which changes nothing): batch
+  ingest with sqlite 22.7k -> 27-30k reports/s in A/B runs (the full run above is lower;
+  this machine varies by 20% between runs). Fewer, larger statements beyond that (256 ->
+  1024 rows) measured no further gain: a native profile of the Trio thread then showed it
+  busy in Python the whole time, not waiting for the GIL. The 3x
   starlette target for durable bulk ingest is still missed: the Trio thread is the bound
   (about 33 us of CPU per report with sqlite, 25 us in memory, with all Python code about
   1.4x slower per report while the writer works on the other core); 3x would need under

@@ -329,14 +329,17 @@ async def test_run_before_open_is_an_error(tmp_path: Path) -> None:
         await store.run()
 
 
-@pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 511, 512, 513, 1000])
-def test_pieces_cover_every_row_once_in_power_of_two_statements(n: int) -> None:
-    got = _pieces(n)
-    covered = [i for start, size in got for i in range(start, start + size)]
-    assert covered == list(range(n))
-    assert all(size <= MAX_ROWS and size & (size - 1) == 0 for _, size in got)
-    # Whole MAX_ROWS statements, then at most one statement per binary digit of the rest.
-    assert len(got) == n // MAX_ROWS + bin(n % MAX_ROWS).count("1")
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, MAX_ROWS - 1, MAX_ROWS, MAX_ROWS + 1, 3000])
+def test_pieces_cover_every_row_in_order_padded_to_a_power_of_two(n: int) -> None:
+    rows = list(range(n))
+    got = _pieces(rows)
+    assert len(got) == -(-n // MAX_ROWS)  # one statement per MAX_ROWS rows
+    assert all(len(p) <= MAX_ROWS and len(p) & (len(p) - 1) == 0 for p in got)
+    # In order, each row once, then only copies of the last one.
+    flat = [x for p in got for x in p]
+    assert flat[:n] == rows
+    assert set(flat[n:]) <= {n - 1}
+    assert rows == list(range(n))  # the caller's list is not changed
 
 
 @pytest.mark.parametrize("n", [MAX_ROWS - 1, MAX_ROWS, MAX_ROWS + 1, 2 * MAX_ROWS + 3])
@@ -345,7 +348,7 @@ async def test_commits_around_the_statement_size_write_every_row(tmp_path: Path,
     # half of them acknowledged (message deleted, resource updated) in a second one. What
     # a reopen loads must equal the memory store given the same changes.
     path = tmp_path / "relay.db"
-    store = SqliteStore(path, "normal", max_dead_letters=5)
+    store = SqliteStore(path, "normal", max_dead_letters=5, max_batch=10_000)
     memory = MemoryStore(max_dead_letters=5)
     await store.open()
     await memory.open()

@@ -46,6 +46,7 @@ from .base import (
 )
 
 _R = TypeVar("_R")
+_T = TypeVar("_T")
 
 SyncMode = Literal["normal", "full", "off"]
 SYNC_PRAGMA: Final = {"normal": "NORMAL", "full": "FULL", "off": "OFF"}
@@ -143,29 +144,25 @@ _RESOURCES: Final = _Table("resources", "resource_id", 6)
 _MESSAGES: Final = _Table("messages", "message_id", 10)
 _IDEMPOTENCY: Final = _Table("idempotency", "key", 4)
 
-#: Rows per multi-row statement at most. A commit writes its rows in a few statements of
-#: power-of-two sizes (so a handful of statement texts serve every batch and stay in the
-#: connection's cache) instead of one ``executemany`` step per row: the sqlite3 module
-#: releases the GIL around each step, and a step per row meant a GIL hand-off per row with
-#: the busy Trio thread (measured: writer and Trio thread together never above one core).
-MAX_ROWS: Final = 256
+#: Rows per multi-row statement at most. A commit writes a table's rows in ONE statement
+#: per ``MAX_ROWS`` (the last one padded to a power of two by repeating its last row or key:
+#: a repeated upsert or delete changes nothing, and a handful of statement texts then serve
+#: every batch from the connection's cache) instead of one ``executemany`` step per row.
+#: The sqlite3 module releases the GIL around each step and takes it back after: a step per
+#: row was a GIL hand-off per row with the busy Trio thread (measured: the writer and the
+#: Trio thread together never above one core, the machine half idle). The padding's extra
+#: row work runs with the GIL released, on the other core.
+MAX_ROWS: Final = 1024
 
 
-def _pieces(n: int) -> list[tuple[int, int]]:
-    """``(start, size)`` pieces covering ``range(n)``: ``MAX_ROWS`` each, then the binary
-    digits of the remainder (every size a power of two)."""
-    out = []
-    start = 0
-    while n - start >= MAX_ROWS:
-        out.append((start, MAX_ROWS))
-        start += MAX_ROWS
-    size = MAX_ROWS // 2
-    while start < n:
-        if n - start >= size:
-            out.append((start, size))
-            start += size
-        size //= 2
-    return out
+def _pieces(rows: list[_T]) -> list[list[_T]]:
+    """``rows`` cut into pieces of ``MAX_ROWS``, the last padded to a power of two with
+    copies of its last element. Empty for no rows."""
+    pieces = [rows[i : i + MAX_ROWS] for i in range(0, len(rows), MAX_ROWS)]
+    if pieces:
+        last = pieces[-1]
+        last += [last[-1]] * ((1 << (len(last) - 1).bit_length()) - len(last))
+    return pieces
 
 
 @functools.cache
@@ -531,19 +528,16 @@ class SqliteFile:
         row: Callable[[_R], tuple[object, ...]] | None,
     ) -> None:
         """Delete the keys mapped to ``None``, upsert the others (``row`` turns a record
-        into its row; ``None`` when the record already is one), a few multi-row statements
-        each (see :data:`MAX_ROWS`)."""
-        deletes = [k for k, v in latest.items() if v is None]
-        for start, size in _pieces(len(deletes)):
-            conn.execute(_delete_sql(table, size), deletes[start : start + size])
+        into its row; ``None`` when the record already is one): one multi-row statement per
+        :data:`MAX_ROWS` rows each (see there)."""
+        for keys in _pieces([k for k, v in latest.items() if v is None]):
+            conn.execute(_delete_sql(table, len(keys)), keys)
         if row is None:
             puts: list[Any] = [v for v in latest.values() if v is not None]
         else:
             puts = [row(v) for v in latest.values() if v is not None]
-        flat = list(chain.from_iterable(puts))
-        width = table.columns
-        for start, size in _pieces(len(puts)):
-            conn.execute(_put_sql(table, size), flat[start * width : (start + size) * width])
+        for piece in _pieces(puts):
+            conn.execute(_put_sql(table, len(piece)), list(chain.from_iterable(piece)))
 
     def query(self, q: DeadLetterQuery) -> DeadLetterPage:
         """One page of dead letters matching ``q``, oldest first. Blocks."""
