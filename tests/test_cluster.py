@@ -48,7 +48,9 @@ async def test_three_instances_hand_out_unique_ids(tmp_path: Path, nats_server: 
         async def post(client: httpx.AsyncClient, n: int) -> None:
             body = b"".join(b'{"resource_id": "hot", "payload": {"i": %d}}\n' % i for i in range(n))
             r = await client.post("/v1/reports:batch", content=body)
-            ids.extend(line["message_id"] for line in map(orjson.loads, r.content.splitlines()))
+            lines = list(map(orjson.loads, r.content.splitlines()))
+            assert [line for line in lines if "message_id" not in line] == []
+            ids.extend(line["message_id"] for line in lines)
 
         async with trio.open_nursery() as nursery:
             for client in clients:

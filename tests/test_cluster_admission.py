@@ -225,3 +225,39 @@ def test_interleaved_instances_do_conflict() -> None:
     decisions = asyncio.run(run())
     assert sorted(d.seq for d in decisions if d.admitted) == [1, 2, 3, 4, 5]
     assert sum(n.conflicts for n in nodes) > 0
+
+
+def test_each_conflict_in_a_row_is_followed_by_the_backoff() -> None:
+    """A lost compare-and-set race is followed by ``backoff(n)`` (n: conflicts in a row for
+    this arrival) before the retry, for admissions and ACKs alike."""
+
+    @attrs.define
+    class LosingKV(MemoryKV):
+        lose: int = 0
+
+        async def update(self, key: str, value: bytes, revision: int) -> int:
+            if self.lose:
+                self.lose -= 1
+                raise Conflict(key)
+            return await super().update(key, value, revision)
+
+    kv = LosingKV(random.Random(1))
+    waits: list[int] = []
+
+    async def backoff(lost: int) -> None:
+        waits.append(lost)
+
+    node = CasAdmission(kv, LeakyBucket.per_minute(60.0, 5), stale_threshold=1e9, backoff=backoff)
+
+    async def run() -> None:
+        assert (await node.admit("r", 100.0)).seq == 1  # create: no conflict
+        kv.lose = 3
+        assert (await node.admit("r", 100.0)).seq == 2
+        assert waits == [1, 2, 3]
+        waits.clear()
+        kv.lose = 2
+        await node.acknowledged("r", 2, 101.0)
+        assert waits == [1, 2]
+
+    asyncio.run(run())
+    assert node.conflicts == 5

@@ -15,6 +15,7 @@ An admission must win the compare-and-set, so it is never decided on a stale cop
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import attrs
@@ -106,6 +107,11 @@ class CasAdmission:
     dry_run: bool = False
     cache_size: int = 100_000
     max_tries: int = 64
+    #: Awaited after the n-th revision conflict in a row on one arrival (``backoff(n)``):
+    #: a randomised pause, so the instance that lost a race (it must re-read, one round
+    #: trip more than the winner) is not beaten by the same winner every time. ``None``:
+    #: retry at once (tests with an in-memory KV).
+    backoff: Callable[[int], Awaitable[None]] | None = None
     #: Revision conflicts met (each costs one more round trip).
     conflicts: int = attrs.field(init=False, default=0)
     _cache: OrderedDict[str, tuple[Entry, int]] = attrs.field(init=False, factory=OrderedDict)
@@ -118,6 +124,7 @@ class CasAdmission:
         """
         key = token(resource_id)
         cached = self._cache.get(key)
+        lost = 0
         for _ in range(self.max_tries):
             if cached is None:
                 got = await self.kv.get(key)
@@ -141,6 +148,9 @@ class CasAdmission:
                 self.conflicts += 1
                 self._cache.pop(key, None)
                 cached = None
+                lost += 1
+                if self.backoff is not None:
+                    await self.backoff(lost)
                 continue
             self._remember(key, new, new_revision)
             return decision
@@ -150,6 +160,7 @@ class CasAdmission:
         """Record an ACK of message ``seq`` at ``now``: clears the stale-ACK clock unless a
         newer message was admitted since (an older ACK never clears a newer one)."""
         key = token(resource_id)
+        lost = 0
         for _ in range(self.max_tries):
             got = await self.kv.get(key)
             if got is None:
@@ -163,6 +174,9 @@ class CasAdmission:
                 new_revision = await self.kv.update(key, new.encode(), revision)
             except Conflict:
                 self.conflicts += 1
+                lost += 1
+                if self.backoff is not None:
+                    await self.backoff(lost)
                 continue
             self._remember(key, new, new_revision)
             return

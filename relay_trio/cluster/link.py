@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -99,6 +100,12 @@ class Redrive:
     payload: bytes  # JSON
 
 
+async def conflict_backoff(lost: int) -> None:
+    """The pause after the ``lost``-th revision conflict in a row: random, up to 1 ms
+    doubling per conflict, at most 50 ms (asyncio side)."""
+    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** min(lost, 6))))
+
+
 @attrs.define(eq=False)
 class NatsLink:
     """The NATS connection and every operation cluster mode performs on it (asyncio side)."""
@@ -113,6 +120,10 @@ class NatsLink:
     inflight: NatsKeyValue = attrs.field(init=False, default=None)
     members: NatsKeyValue = attrs.field(init=False, default=None)
     _sub: Any = attrs.field(init=False, default=None)
+    #: Per resource being admitted here: its lock and how many admissions use it.
+    _resource_locks: dict[str, tuple[asyncio.Lock, list[int]]] = attrs.field(
+        init=False, factory=dict
+    )
 
     async def connect(self) -> None:
         """Connect (first attempt must succeed), create or check the assets, bind handles."""
@@ -156,6 +167,7 @@ class NatsLink:
             c.stale_ack_threshold,
             dry_run=c.dry_run,
             cache_size=c.max_resources,
+            backoff=conflict_backoff,
         )
         self.inflight = await self.js.key_value(INFLIGHT_BUCKET)
         self.members = await self.js.key_value(MEMBERS_BUCKET)
@@ -179,6 +191,21 @@ class NatsLink:
             by_resource.setdefault(r.resource_id, []).append(i)
 
         async def one_resource(indexes: list[int]) -> None:
+            # Concurrent requests on this instance take turns per resource: they would
+            # only race each other on the KV entry's revision, and their publishes keep
+            # the order of their sequence numbers.
+            rid = reports[indexes[0]].resource_id
+            lock, users = self._resource_locks.setdefault(rid, (asyncio.Lock(), [0]))
+            users[0] += 1
+            try:
+                async with lock:
+                    await admit_in_order(indexes)
+            finally:
+                users[0] -= 1
+                if not users[0]:
+                    del self._resource_locks[rid]
+
+        async def admit_in_order(indexes: list[int]) -> None:
             for i in indexes:
                 r = reports[i]
                 try:
