@@ -147,7 +147,11 @@ async def test_a_client_cut_off_from_a_resumes_on_c_with_exactly_the_missed_even
         assert "gap" not in {e["event"] for e in resumed}
         assert ids == sorted(set(ids)) and ids[0] > last_id
         assert [e["data"]["data"]["message_id"] for e in reports(resumed)] == [*missed, sentinel]
-        # Exactly the log after last_id, as any instance pages it: nothing more, nothing less.
+        # Exactly the log after last_id, as any instance pages it: nothing more, nothing less
+        # (once A's own mirror has caught up with what C already showed: a page is what the
+        # instance has mirrored so far).
+        relay_a = nodes[0][0].relay
+        await eventually(lambda: relay_a.hub.ring.last_id >= ids[-1])
         page = (await a.get(f"/v1/events?after={last_id}&limit=1000")).json()
         logged = [e for e in page["events"] if e["id"] <= ids[-1]]
         assert [e["id"] for e in logged] == ids
