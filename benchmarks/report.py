@@ -355,9 +355,12 @@ fixed in the product and re-measured; before/after figures are from A/B runs on 
   1024 rows) measured no further gain: a native profile of the Trio thread then showed it
   busy in Python the whole time, not waiting for the GIL. The 3x
   starlette target for durable bulk ingest is still missed: the Trio thread is the bound
-  (about 33 us of CPU per report with sqlite, 25 us in memory, with all Python code about
-  1.4x slower per report while the writer works on the other core); 3x would need under
-  ~15 us for validation, bucket, UMH, two events, delivery, ACK and store staging.
+  (about 33 us of CPU per report with sqlite, 25 us in memory). Staging the rows explains
+  3-4 us of the difference; the rest is every Python function on the path running slower
+  per report while the store is in use, and its cause is not located: adding a thread
+  doing SQLite inserts, or a CPU-burning process, to a memory-store run cost at most 6%,
+  and a 10x shorter GIL switch interval changed nothing. 3x would need under ~15 us for
+  validation, bucket, UMH, two events, delivery, ACK and store staging.
 * **Noise.** This machine is shared; runs vary by up to 2x in tail latency. Compare rows
   within one run, not across runs.
 """
