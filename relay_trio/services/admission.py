@@ -306,8 +306,9 @@ class Admission:
     def batch(self) -> Iterator[None]:
         """Stage every admission made inside the block as ONE change set when it ends (one
         store call and one ticket for a whole batch request or stream read, not one per
-        report), and publish its events together (:meth:`EventPublisher.batch`). For a synchronous block: no checkpoint inside. Anything else staged meanwhile
-        (an eviction) first flushes what the block admitted so far, so the store sees every
+        report), and publish its events together (:meth:`EventPublisher.batch`). For a
+        synchronous block: no checkpoint inside. Anything else staged meanwhile (an
+        eviction) first flushes what the block admitted so far, so the store sees every
         operation in the order it happened. :meth:`durable` after the block covers it all.
         """
         if self._batch_ops is not None:  # nested: the outer block stages
