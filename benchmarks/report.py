@@ -321,9 +321,9 @@ fixed in the product and re-measured; before/after figures are from A/B runs on 
   front of Quart showed Quart's per-request machinery (request context and `g`, hooks,
   werkzeug headers and `Response`, the disconnect-watching task) to be about half of a
   single POST: ~700 -> ~345 us of CPU per request. `http/fast_lane.py` now answers ordinary
-  `POST /v1/reports` and `POST /v1/reports:batch` requests (token valid, `Content-Length`
+  `POST /v1/reports`, `POST /v1/reports:batch` and `POST /v1/acks` requests (token valid, `Content-Length`
   within the limit, no `Expect`) straight from ASGI; everything else goes to Quart, and both
-  answer through `http/ingest.py`. Pinned, interleaved: 35ebfe8 558-649 us per request,
+  answer through `http/hot_routes.py`. Pinned, interleaved: 35ebfe8 558-649 us per request,
   now 312-346 us. Under wrk the relay now answers more single POSTs than the bare
   quart-trio app does.
 * **Durable store and the split.** The "before" rows run commit 35ebfe8 (in memory, no

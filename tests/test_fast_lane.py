@@ -15,7 +15,7 @@ import httpx
 import orjson
 import pytest
 import trio
-from relay_helpers import make_config, memory_relay, running_server
+from relay_helpers import eventually, make_config, memory_relay, running_server
 
 from relay_trio.http.fast_lane import FastLane
 
@@ -169,3 +169,61 @@ async def test_client_leaving_mid_body_is_not_an_error(
         assert relay.metrics.reports_admitted.value == 1
         assert lane(server).served == 1  # the abandoned request got no answer
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_acks_on_the_fast_lane_answer_like_quart(tmp_path: Path) -> None:
+    # The upstream acknowledges later: each lane ACKs its own pending message, then the
+    # same bad inputs go both ways.
+    relay, ups = memory_relay(tmp_path, mode="sent")
+    async with running_server(relay.config, relay) as (server, client):
+        fast = lane(server)
+        for rid in ("r-fast", "r-quart"):
+            r = await client.post(
+                "/v1/reports", content=b'{"resource_id": "%s", "payload": 1}' % rid.encode()
+            )
+            assert r.status_code == 202
+        await eventually(lambda: sum(len(u.received) for u in ups.values()) == 2)
+        cases = [
+            b'{"message_id": "%s:1", "status": "ack"}',  # clears the pending message
+            b'{"message_id": "%s:1", "status": "ack"}',  # again: nothing pending any more
+            b'{"message_id": "%s:9", "status": "nack", "reason": "busy"}',  # unknown id
+            b'{"message_id": "%s", "status": "ack"}',  # not a message id: 422
+            b'{"message_id": "%s:1", "status": "maybe"}',  # bad status: 422
+            b'{"message_id": ',  # malformed: 400
+        ]
+        for body in cases:
+            got = []
+            for via, mine in (("fast", b"r-fast"), ("quart", b"r-quart")):
+                content = body.replace(b"%s", mine)
+                before = fast.served
+                if via == "fast":
+                    r = await client.post("/v1/acks", content=content)
+                else:
+                    r = await client.post("/v1/acks", content=chunked(content))
+                assert fast.served == before + (via == "fast")
+                status, answer_body, headers = answer(r)
+                if isinstance(answer_body, dict) and "message_id" in answer_body:
+                    answer_body = {**answer_body, "message_id": "*"}
+                got.append((status, answer_body, headers))
+            assert got[0] == got[1], body
+            assert got[0][0] != 500
+        assert relay.metrics.acks["acked"].value == 2
+
+
+async def test_the_ack_lane_needs_the_ack_token(tmp_path: Path) -> None:
+    config = make_config(tmp_path, store="memory", ack_token="ack-Tok-0123456789")
+    async with running_server(config) as (server, client):
+        fast = lane(server)
+        body = b'{"message_id": "r:1", "status": "ack"}'
+        ok = await client.post(
+            "/v1/acks", content=body, headers={"Authorization": "Bearer ack-Tok-0123456789"}
+        )
+        assert fast.served == 1
+        missing = await client.post("/v1/acks", content=body)
+        wrong = await client.post(
+            "/v1/acks", content=body, headers={"Authorization": "Bearer ingest-token"}
+        )
+        assert fast.served == 1
+    assert ok.status_code == 200
+    assert (missing.status_code, wrong.status_code) == (401, 403)
+    assert missing.headers["connection"] == "close"

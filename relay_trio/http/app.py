@@ -1,8 +1,8 @@
 """HTTP routes (quart-trio). Routes only: every decision is made by the :class:`Relay`.
 
-The ingest routes answer through :class:`~relay_trio.http.ingest.IngestRoutes`; their
-ordinary requests never reach Quart (:mod:`relay_trio.http.fast_lane` serves them), so the
-routes here handle the rest: a bad token, an oversized or chunked body, ``Expect``.
+The hot routes (ingest and ACKs) answer through :class:`~relay_trio.http.hot_routes.HotRoutes`;
+their ordinary requests never reach Quart (:mod:`relay_trio.http.fast_lane` serves them), so
+the routes here handle the rest: a bad token, an oversized or chunked body, ``Expect``.
 
 Every 4xx/5xx is ``application/problem+json`` with a stable ``type``; bad input never
 produces a 500.
@@ -23,10 +23,10 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..core.events import MAX_PAGE, render_page
 from ..core.ids import CURSOR_MAX
-from ..core.model import Problem, too_large, validate_ack
+from ..core.model import Problem, too_large
 from ..services.hub import HistoryUnavailable, SubscriberLimit
 from ..stores.base import StoreError
-from .ingest import JSON, IngestRoutes, Reply, problem_reply
+from .hot_routes import JSON, HotRoutes, Reply, problem_reply
 from .openapi import openapi_document
 from .params import (
     bearer_problem,
@@ -52,7 +52,7 @@ def problem_response(problem: Problem, headers: dict[str, str] | None = None) ->
 
 
 def reply_response(reply: Reply) -> Response:
-    """The Quart response for a framework-free :class:`~relay_trio.http.ingest.Reply`."""
+    """The Quart response for a framework-free :class:`~relay_trio.http.hot_routes.Reply`."""
     response = Response(reply.body, status=reply.status, content_type=reply.content_type)
     for key, value in reply.headers:
         response.headers[key] = value
@@ -145,10 +145,10 @@ def create_app(relay: Relay) -> QuartTrio:
         log.exception("internal error on %s %s", request.method, request.path)
         return problem_response(Problem(500, "internal", "Internal error", type(error).__name__))
 
-    ingest = IngestRoutes(relay)
+    hot = HotRoutes(relay)
 
     def refused(problem: Problem, reason: str) -> Response:
-        ingest.count_refused(reason)
+        hot.count_refused(reason)
         return problem_response(problem)
 
     @app.post("/v1/reports")
@@ -156,14 +156,14 @@ def create_app(relay: Relay) -> QuartTrio:
         body = await authorized_body("ingest", config.max_body_bytes)
         if isinstance(body, Problem):
             return refused(body, "too_large" if body.status == 413 else "unauthorized")
-        return reply_response(await ingest.report(body, request.headers.get))
+        return reply_response(await hot.report(body, request.headers.get))
 
     @app.post("/v1/reports:batch")
     async def post_batch() -> Response:
         body = await authorized_body("ingest", config.batch_max_bytes)
         if isinstance(body, Problem):
             return problem_response(body)
-        return reply_response(await ingest.batch(body))
+        return reply_response(await hot.batch(body))
 
     async def authorized_json(scope: str) -> object | Problem:
         """The request's JSON body, after the ``scope`` token check and the size limit."""
@@ -172,20 +172,10 @@ def create_app(relay: Relay) -> QuartTrio:
 
     @app.post("/v1/acks")
     async def post_ack() -> Response:
-        obj = await authorized_json("ack")
-        if isinstance(obj, Problem):
-            return problem_response(obj)
-        ack = validate_ack(obj)
-        if isinstance(ack, Problem):
-            return problem_response(ack)
-        try:
-            # A 200 on an ACK means it is stored: a crash after it never redelivers it.
-            outcome = await relay.acknowledge_any(
-                ack.message_id, ack.status, ack.reason, ack.retry_after
-            )
-        except StoreError as exc:
-            return problem_response(store_unavailable(exc))
-        return json_response({"message_id": ack.message_id, "outcome": outcome})
+        body = await authorized_body("ack", config.max_body_bytes)
+        if isinstance(body, Problem):
+            return problem_response(body)
+        return reply_response(await hot.ack(body))
 
     @app.get("/v1/resources/<resource_id>")
     async def get_resource(resource_id: str) -> Response:

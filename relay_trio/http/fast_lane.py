@@ -1,20 +1,20 @@
-"""The ASGI fast lane: the ingest routes answered without Quart's per-request machinery.
+"""The ASGI fast lane: the hot routes answered without Quart's per-request machinery.
 
 Quart's request handling (request context and ``g``, before/after hooks, werkzeug
 ``Headers`` and ``Response`` objects, a task watching for the client's disconnect) measured
 about half the CPU of a single-report POST: server pinned to one core, 32 keep-alive
-connections, wrk, 630 → 330 µs per request. The ingest routes need none of it.
-:class:`FastLane` sits in front of the Quart app and answers ``POST /v1/reports`` and
-``POST /v1/reports:batch`` itself when the request is the ordinary kind:
+connections, wrk, 630 → 330 µs per request. The hot routes need none of it.
+:class:`FastLane` sits in front of the Quart app and answers ``POST /v1/reports``,
+``POST /v1/reports:batch`` and ``POST /v1/acks`` itself when the request is the ordinary kind:
 
-* the ``ingest`` bearer token checks out (or none is configured), and
+* the route's bearer token (``ingest``, or ``ack``) checks out (or none is configured), and
 * ``Content-Length`` is given and within the route's limit, with no ``Transfer-Encoding``
   and no ``Expect``.
 
 Everything else (a missing or wrong token, an oversized or chunked body, every other route
 and method, lifespan) passes to Quart untouched, its body still unread, so the rare cases
 keep Quart's handling (401/403/413 problems, closing the connection after an unread body).
-The answer itself always comes from :class:`~relay_trio.http.ingest.IngestRoutes`, as in
+The answer itself always comes from :class:`~relay_trio.http.hot_routes.HotRoutes`, as in
 the Quart routes, and the latency histogram gets the same route label.
 """
 
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from ..core.model import Problem
-from .ingest import IngestRoutes, Reply, problem_reply
+from .hot_routes import HotRoutes, Reply, problem_reply
 from .params import bearer_problem
 
 if TYPE_CHECKING:
@@ -43,48 +43,53 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 REPORT: Final = "/v1/reports"
 BATCH: Final = "/v1/reports:batch"
+ACKS: Final = "/v1/acks"
 
 
 class FastLane:
-    """An ASGI app: the ingest routes' ordinary requests here, everything else to ``app``."""
+    """An ASGI app: the hot routes' ordinary requests here, everything else to ``app``."""
 
     def __init__(self, app: ASGIApp, relay: Relay) -> None:
         self.app = app
-        self.ingest = IngestRoutes(relay)
+        self.hot = HotRoutes(relay)
         config = relay.config
-        self.token = config.ingest_token
-        #: Body limit per path taken here.
-        self.limits = {REPORT: config.max_body_bytes, BATCH: config.batch_max_bytes}
+        #: Per path taken here: its body limit, and the token scope and token it needs.
+        self.routes: dict[str, tuple[int, str, str | None]] = {
+            REPORT: (config.max_body_bytes, "ingest", config.ingest_token),
+            BATCH: (config.batch_max_bytes, "ingest", config.ingest_token),
+            ACKS: (config.max_body_bytes, "ack", config.ack_token),
+        }
         latency = relay.metrics.request_seconds
-        self._observe = {path: latency.labels(path).observe for path in self.limits}
+        self._observe = {path: latency.labels(path).observe for path in self.routes}
         #: Requests answered here (the rest went to Quart): a test can tell the lanes apart.
         self.served = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
-            limit = self.limits.get(path)
-            if limit is not None:
+            route = self.routes.get(path)
+            if route is not None:
                 # Names are lower case in ASGI; the first of repeated headers wins, as in
                 # werkzeug's ``Headers.get``.
                 headers: dict[bytes, bytes] = dict(reversed(scope["headers"]))
-                if self._takes(headers, limit):
+                if self._takes(headers, *route):
                     await self._serve(path, headers, receive, send)
                     return
         await self.app(scope, receive, send)
 
-    def _takes(self, headers: dict[bytes, bytes], limit: int) -> bool:
+    @staticmethod
+    def _takes(headers: dict[bytes, bytes], limit: int, scope: str, token: str | None) -> bool:
         """Whether this request is the ordinary kind (see the module docstring)."""
         length = headers.get(b"content-length")
         if length is None or b"transfer-encoding" in headers or b"expect" in headers:
             return False
         if not length.isdigit() or len(length) > 19 or int(length) > limit:
             return False
-        if self.token is None:
+        if token is None:
             return True
         authorization = headers.get(b"authorization")
         given = None if authorization is None else authorization.decode("latin-1")
-        return bearer_problem(self.token, given, "ingest") is None
+        return bearer_problem(token, given, scope) is None
 
     async def _serve(
         self, path: str, headers: dict[bytes, bytes], receive: Receive, send: Send
@@ -106,9 +111,11 @@ class FastLane:
 
         try:
             if path == REPORT:
-                reply = await self.ingest.report(body, header)
+                reply = await self.hot.report(body, header)
+            elif path == BATCH:
+                reply = await self.hot.batch(body)
             else:
-                reply = await self.ingest.batch(body)
+                reply = await self.hot.ack(body)
         except Exception as exc:  # a bug: a problem answer, never a dropped connection
             log.exception("internal error on POST %s", path)
             reply = problem_reply(Problem(500, "internal", "Internal error", type(exc).__name__))

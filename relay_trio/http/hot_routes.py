@@ -1,9 +1,10 @@
-"""The two ingest routes (``POST /v1/reports``, ``POST /v1/reports:batch``) without a web
-framework: what they decide, given the body, as a :class:`Reply`.
+"""The hot routes without a web framework: the two ingest routes (``POST /v1/reports``,
+``POST /v1/reports:batch``) and ``POST /v1/acks``, each answered, given its body, as a
+:class:`Reply`. Every report and every asynchronous ACK comes through one of them.
 
 The Quart routes in :mod:`relay_trio.http.app` and the ASGI fast lane in
-:mod:`relay_trio.http.fast_lane` both answer through :class:`IngestRoutes`, so the two ways
-in cannot drift apart: every admission, refusal count and problem is decided here once.
+:mod:`relay_trio.http.fast_lane` both answer through :class:`HotRoutes`, so the two ways
+in cannot drift apart: every admission, ACK, refusal count and problem is decided here once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import orjson
 
 from ..core.limiter import retry_after_header
 from ..core.line_protocol import reply_line
-from ..core.model import Accepted, Problem, empty_batch, too_large
+from ..core.model import Accepted, Problem, empty_batch, too_large, validate_ack
 from ..stores.base import StoreError
 from .params import decode_json, store_unavailable, with_contract_headers
 
@@ -46,8 +47,8 @@ def problem_reply(problem: Problem, headers: tuple[tuple[str, str], ...] = ()) -
 _REPLAYED: Final = (("Idempotent-Replayed", "true"),)
 
 
-class IngestRoutes:
-    """What the ingest routes answer, once the bearer token and the body size checked out.
+class HotRoutes:
+    """What the hot routes answer, once the bearer token and the body size checked out.
 
     Never raises for bad input (a problem reply instead). A 2xx (or a batch line saying
     ``message_id``) is only returned after the store committed the report.
@@ -127,6 +128,23 @@ class IngestRoutes:
                 return problem_reply(store_unavailable(exc))
         out = [reply_line(result, number) for number, result in results]
         return Reply(200, b"".join(out), NDJSON)
+
+    async def ack(self, body: bytes) -> Reply:
+        """``POST /v1/acks`` with this body. A 200 means the ACK is stored: a crash after it
+        never redelivers the message."""
+        obj = decode_json(body)
+        if isinstance(obj, Problem):
+            return problem_reply(obj)
+        ack = validate_ack(obj)
+        if isinstance(ack, Problem):
+            return problem_reply(ack)
+        try:
+            outcome = await self.relay.acknowledge_any(
+                ack.message_id, ack.status, ack.reason, ack.retry_after
+            )
+        except StoreError as exc:
+            return problem_reply(store_unavailable(exc))
+        return Reply(200, orjson.dumps({"message_id": ack.message_id, "outcome": outcome}), JSON)
 
     def _admit_lines(
         self,
