@@ -33,7 +33,7 @@ import httpx
 import trio
 
 from ._common import Child, machine_info, raise_fd_limit
-from .cluster_ingest import AckUpstream, batch_phase, single_phase
+from .cluster_ingest import batch_phase, bench_relay, single_phase
 from .scenarios import ratio
 
 SUBSCRIBERS = 1000
@@ -141,32 +141,16 @@ def fanout(duration: float, tmp: Path, log: Any) -> dict[str, Any]:
 async def ingest_run(  # noqa: PLR0917 - called through trio.run
     kind: str, nats_url: str, tmp: Path, n: int, nodes: int, tag: str
 ) -> dict[str, float]:
-    from relay_trio.core.config import load_config
-    from relay_trio.relay import Relay
-    from relay_trio.server import RelayServer
 
-    base: dict[str, Any] = {
-        "port": 0,
-        "rate_per_minute": 6e6,
-        "burst": 100000,
-        "upstreams": ["http://bench.invalid/"],
-        "log_level": "warning",
-    }
     out: dict[str, float] = {}
     relays = []
     async with trio.open_nursery() as nursery:
         urls = []
         for i in range(nodes):
-            extra = (
-                {"store": "sqlite"}
-                if kind == "sqlite"
-                else {"store": "nats", "nats_url": nats_url, "instance_id": f"{tag}{i}"}
+            server = bench_relay(
+                kind, nats_url, tmp / f"{tag}{i}", f"{tag}{i}", log_level="warning"
             )
-            config = load_config({**base, **extra, "data_dir": str(tmp / f"{tag}{i}")}, {}, None)
-            up = AckUpstream()
-            relay = Relay(config, upstream_factory=lambda _u, _d, up=up: up)  # type: ignore[misc]
-            relays.append(relay)
-            server = RelayServer(config, relay)
+            relays.append(server.relay)
             urls.append((await nursery.start(server.serve))[0])
         clients = [httpx.AsyncClient(base_url=urls[i % nodes], timeout=30) for i in range(8)]
         per = n // 4
@@ -192,16 +176,17 @@ def ingest(reports: int, tmp: Path, log: Any) -> dict[str, Any]:
     rows: dict[str, dict[str, float]] = {}
     try:
         rows["sqlite x1"] = trio.run(ingest_run, "sqlite", url, tmp, reports, 1, "s")
-        stream_publish = ClusterEventPublisher.publish
-        stream_resume = ClusterEventPublisher.resume
+        # Part 1's behaviour: each instance's events stay in its own ring. Both entry points
+        # (and resume) are swapped: the single-node publish() goes through emit().
+        swapped = ("emit", "publish", "resume")
+        stream_methods = {name: getattr(ClusterEventPublisher, name) for name in swapped}
         try:
-            # Part 1's behaviour: each instance's events stay in its own ring.
-            ClusterEventPublisher.publish = EventPublisher.publish  # type: ignore[method-assign]
-            ClusterEventPublisher.resume = EventPublisher.resume  # type: ignore[method-assign]
+            for name in swapped:
+                setattr(ClusterEventPublisher, name, getattr(EventPublisher, name))
             rows["nats x1, events local"] = trio.run(ingest_run, "nats", url, tmp, reports, 1, "l")
         finally:
-            ClusterEventPublisher.publish = stream_publish  # type: ignore[method-assign]
-            ClusterEventPublisher.resume = stream_resume  # type: ignore[method-assign]
+            for name, method in stream_methods.items():
+                setattr(ClusterEventPublisher, name, method)
         rows["nats x1, event stream"] = trio.run(ingest_run, "nats", url, tmp, reports, 1, "e")
         rows["nats x2, event stream"] = trio.run(ingest_run, "nats", url, tmp, reports, 2, "f")
     finally:

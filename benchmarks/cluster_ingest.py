@@ -105,30 +105,41 @@ async def single_phase(clients: list[httpx.AsyncClient], tag: str, single: int) 
     return single * len(clients) / (time.perf_counter() - t)
 
 
-async def measure(  # noqa: PLR0917 - called through trio.run
-    kind: str, nats_url: str, tmp: Path, n: int, batch: int, window: int, nodes: int
-) -> dict[str, float]:
+def bench_relay(
+    kind: str, nats_url: str, data_dir: Path, instance_id: str, **config: Any
+) -> RelayServer:
+    """One relay instance for the cluster benchmarks: ``kind`` ``sqlite`` (single node) or
+    ``nats`` (cluster member ``instance_id``), generous rate limits, one upstream that
+    acknowledges every send at once; ``config`` adds or overrides settings."""
     base: dict[str, Any] = {
         "port": 0,
         "rate_per_minute": 6e6,
         "burst": 100000,
         "upstreams": ["http://bench.invalid/"],
-        "stream_listen": ["tcp://127.0.0.1:0"],
+        "data_dir": str(data_dir),
+        **(
+            {"store": "sqlite"}
+            if kind == "sqlite"
+            else {"store": "nats", "nats_url": nats_url, "instance_id": instance_id}
+        ),
+        **config,
     }
+    loaded = load_config(base, {}, None)
+    up = AckUpstream()
+    return RelayServer(loaded, Relay(loaded, upstream_factory=lambda _u, _d: up))
+
+
+async def measure(  # noqa: PLR0917 - called through trio.run
+    kind: str, nats_url: str, tmp: Path, n: int, batch: int, window: int, nodes: int
+) -> dict[str, float]:
     out: dict[str, float] = {}
     async with trio.open_nursery() as nursery:
         urls = []
         streams = []
         for i in range(nodes):
-            extra = (
-                {"store": "sqlite"}
-                if kind == "sqlite"
-                else {"store": "nats", "nats_url": nats_url, "instance_id": f"n{i}"}
+            server = bench_relay(
+                kind, nats_url, tmp / f"{kind}{i}", f"n{i}", stream_listen=["tcp://127.0.0.1:0"]
             )
-            config = load_config({**base, **extra, "data_dir": str(tmp / f"{kind}{i}")}, {}, None)
-            up = AckUpstream()
-            relay = Relay(config, upstream_factory=lambda _u, _d, up=up: up)  # type: ignore[misc]
-            server = RelayServer(config, relay)
             urls.append((await nursery.start(server.serve))[0])
             assert server.receiver is not None
             streams.append(parse_listen(server.receiver.bound[0]))

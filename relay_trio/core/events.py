@@ -207,23 +207,9 @@ class EventRing:
 
         Never blocks; amortised O(1). Raises ``ValueError`` for an unknown topic and
         ``TypeError`` (orjson) if ``data`` is not JSON-serialisable; in both cases the
-        ring is unchanged and no id is consumed.
+        ring is unchanged and no id is consumed. (:meth:`publish_many` of one event.)
         """
-        index = self._by_topic.get(topic)
-        if index is None:
-            raise ValueError(f"unknown topic {topic!r}")
-        eid = self._next_id
-        body = orjson.dumps({"id": eid, "topic": topic, "at": at, "data": data})
-        sse = b"id: %d%s%s\n\n" % (eid, index.sse_head, body)
-        event = Event(eid, topic, body, sse, len(body) + len(sse) + EVENT_OVERHEAD)
-        self._next_id = eid + 1
-        events = self._events
-        events.append(event)
-        index.ids.append(eid)
-        self._bytes += event.nbytes
-        if len(events) - self._head > self.max_count or self._bytes > self.max_bytes:
-            self._trim()
-        return event
+        return self.publish_many(((topic, data),), at)[0]
 
     def publish_many(self, items: Sequence[tuple[str, Mapping[str, Any]]], at: str) -> list[Event]:
         """:meth:`publish` each ``(topic, data)`` in order, all stamped ``at``; trim once.
