@@ -29,6 +29,10 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
 }
 
 
+#: Builds a named tuple without its Python-level ``__new__`` (the per-report events).
+_new_tuple = tuple.__new__
+
+
 class EventData(NamedTuple):
     """One payload ready to publish: the topic and the event's ``data`` object."""
 
@@ -264,7 +268,7 @@ def report_admitted(
     data: dict[str, Any] = {"message_id": message_id, "resource_id": resource_id, "kind": kind}
     if superseded is not None:
         data["superseded"] = superseded
-    return EventData("reports", data)
+    return _new_tuple(EventData, ("reports", data))  # one per admitted report
 
 
 def report_dropped(resource_id: str, reason: str) -> EventData:
@@ -284,7 +288,7 @@ def ack_received(
     }
     if reason:
         data["reason"] = reason
-    return EventData("acks", data)
+    return _new_tuple(EventData, ("acks", data))  # one per ACK
 
 
 def dead_lettered(message_id: str, resource_id: str, reason: str, attempts: int) -> EventData:
