@@ -61,7 +61,9 @@ class ResourceTable:
     #: Sequence numbers of new resources start above this (a durable store raises it to the
     #: highest sequence of any resource it forgot, so message ids never repeat).
     seq_floor: int = 0
-    _lru_evicted: list[ResourceState] = attrs.field(factory=list, init=False)
+    #: Entries the cap pushed out that :meth:`take_evicted` has not taken yet (read on
+    #: every admission, so a plain attribute: non-empty means there is something to take).
+    lru_evicted: list[ResourceState] = attrs.field(factory=list, init=False)
     _entries: OrderedDict[str, ResourceState] = attrs.field(factory=OrderedDict, init=False)
     # Last seq of recently removed resources, so a resource that comes back keeps
     # monotonic message ids (an upstream deduplicating on message id must never see a
@@ -96,7 +98,7 @@ class ResourceTable:
                 _, old = entries.popitem(last=False)
                 self.evicted_lru += 1
                 self._retire(old)
-                self._lru_evicted.append(old)
+                self.lru_evicted.append(old)
         else:
             state.updated_at = now
             entries.move_to_end(resource_id)
@@ -136,9 +138,9 @@ class ResourceTable:
 
     def take_evicted(self) -> list[ResourceState]:
         """Entries the cap pushed out since the last call (oldest first). Never blocks."""
-        evicted = self._lru_evicted
+        evicted = self.lru_evicted
         if evicted:  # called on every admission: allocate only when something was pushed out
-            self._lru_evicted = []
+            self.lru_evicted = []
         return evicted
 
     def restore(self, state: ResourceState) -> None:

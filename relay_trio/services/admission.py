@@ -122,7 +122,7 @@ class Admission:
         await :meth:`durable` before it tells anyone the report was accepted.
         """
         m = self.metrics
-        m.reports_received.inc()
+        m.reports_received.value += 1  # Tally.inc() inlined: once per report
         if self.draining:
             m.rejected["draining"].inc()
             return Problem(503, "draining", "Relay is shutting down", retry_after=5.0)
@@ -212,7 +212,7 @@ class Admission:
             now=now,
             trace=trace,
         )
-        m.reports_admitted.inc()
+        m.reports_admitted.value += 1
         if isinstance(superseded, str):
             m.superseded.inc()
         self.events.emit(
@@ -231,7 +231,8 @@ class Admission:
                     }
                 )
             )
-        self._evict_pushed_out()
+        if self.resources.lru_evicted:  # rare: the table's cap pushed a resource out
+            self._evict_pushed_out()
         return _new_tuple(Accepted, (message_id, rid, seq, False))
 
     async def durable(self) -> None:
