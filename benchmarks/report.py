@@ -92,6 +92,13 @@ def targets(data: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _runs(values: list[float] | None) -> str:
+    """Every run of a row, in the order they ran (thousands with one decimal)."""
+    if not values:
+        return ""
+    return " / ".join(f"{v / 1000:.1f}k" for v in values)
+
+
 def _ingest(ing: dict[str, Any]) -> str:
     posts = ing["post"]
     uvicorn = posts["starlette+uvicorn (bare)"]["rps"]
@@ -105,6 +112,7 @@ def _ingest(ing: dict[str, Any]) -> str:
             _x(p["rps"] / quart),
             _x(p["rps"] / uvicorn),
             _f(p.get("non_2xx", 0)),
+            _runs(p.get("runs_rps")),
         ]
         for name, p in posts.items()
     ]
@@ -123,6 +131,7 @@ def _ingest(ing: dict[str, Any]) -> str:
                 _x(b["reports_per_s"] / quart),
                 _x(b["reports_per_s"] / uvicorn),
                 _f(b["rejected"]),
+                _runs(b.get("runs_reports_per_s")),
             ]
         )
     tool = next(iter(posts.values()))["tool"]
@@ -133,7 +142,8 @@ def _ingest(ing: dict[str, Any]) -> str:
         "report goes all the way to the embedded JSONL upstream and is acknowledged). Batch "
         "and stream rows count admitted reports per second; their p50/p99 are per round trip "
         "(one batch request, or one window of stream lines answered), commit group = change "
-        "sets per store transaction.\n\n"
+        "sets per store transaction. In full mode every row is the median of three runs, "
+        "interleaved with the other rows' runs (all three in the last column).\n\n"
         + _table(
             [
                 "what",
@@ -143,6 +153,7 @@ def _ingest(ing: dict[str, Any]) -> str:
                 "\u00d7 quart-trio",
                 "\u00d7 starlette",
                 "rejected / non-2xx",
+                "runs (per s)",
             ],
             rows,
         )
@@ -361,8 +372,38 @@ fixed in the product and re-measured; before/after figures are from A/B runs on 
   doing SQLite inserts, or a CPU-burning process, to a memory-store run cost at most 6%,
   and a 10x shorter GIL switch interval changed nothing. 3x would need under ~15 us for
   validation, bucket, UMH, two events, delivery, ACK and store staging.
-* **Noise.** This machine is shared; runs vary by up to 2x in tail latency. Compare rows
-  within one run, not across runs.
+* **Durable store, third pass.** (1) Under callgrind (in-process admission + delivery, the
+  difference of a 2000- and a 12000-report run) the path went from 145k to 135k
+  instructions per report in memory, and from 174k to 158k on the Trio thread with sqlite:
+  trace ids are cut from a pool of random hex digits drawn in bulk (one `randbytes` per
+  256 reports instead of per report), the per-report named tuples (report, answer,
+  outbound, event data, store records) are built with `tuple.__new__` (a named tuple's own
+  `__new__` is a Python-level call), and the per-report counter increments and the LRU
+  eviction check are attribute operations. (2) Where the sqlite gap to memory goes, with
+  the server's threads read from `/proc` (CPU, `schedstat`, context switches) during batch
+  ingest: with a fake writer that only sleeps 4 ms per commit, the Trio thread runs 0.95
+  of a core at about 26 us per report; with the real writer 0.82-0.85 of a core at 27-29 us.
+  The Trio thread is never waiting for a CPU (no run-queue time, and the machine is half
+  idle); it sleeps voluntarily (about 230 switches/s against 88 with the fake writer; the
+  writer about 300/s): GIL hand-offs with the writer, although `py-spy --gil` finds the
+  writer holding the GIL in only about 3% of samples. Commit latency matters too with few
+  connections: fake commits of 4, 10 and 20 ms leave the Trio thread 0.95, 0.89 and 0.63
+  of a core at 2 connections, while at 8 connections a 20 ms fake commit still gives 0.97;
+  the real writer gives 0.83-0.84 at either. (3) Tried, measured, not adopted: writes with
+  one JSON parameter per statement (`json_each`, no per-value binding; it also cannot carry
+  arbitrary blob bytes on SQLite 3.40): no change in the Trio thread's share, writer CPU
+  +30%; a dedicated writer thread woken at stage time (no wait for the Trio scheduler to
+  start a commit): 0-8%, within noise; compiling `core/events.py` with mypyc: 1.65 -> 1.26
+  us per event (24%), because the time goes to C calls (orjson, bytes formatting,
+  allocation), not to the interpreter; the garbage collector disabled: no change; the
+  server pinned to one CPU: +15-20% in one series of runs, -10% in another. 3x the
+  starlette baseline on this 2-core machine means at most ~16 us of event-loop work per
+  report (it cannot use the second core: one interpreter lock); the in-memory path alone
+  is ~22 us, for validation, bucket, UMH, two events, delivery, ACK and the reply. Meeting
+  it needs another execution model (several relay processes, or a compiled core), not a
+  cheaper store.
+* **Noise.** This machine is shared; runs vary by up to 2x in tail latency and by 25% in
+  throughput between runs of the same code. Compare rows within one run, not across runs.
 """
 
 HOW_TO = """\

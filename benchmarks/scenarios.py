@@ -240,25 +240,36 @@ def ingest(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     ]
     if before is not None:
         variants.append((f"before ({BASELINE_COMMIT}, in memory)", {}, before))
-    for store_name, store_config, cwd in variants:
-        stream_config = {
-            **INGEST_CONFIG,
-            **store_config,
-            "stream_listen": ["tcp://127.0.0.1:0"],
-        }
-        for name, kind, extra in runs:
-            label = f"{name}, {store_name}"
-            with server("relay", cwd=cwd, config=stream_config) as (_, info):
-                url = info["stream"][0] if kind == "stream" else info["url"]
-                bulk[label] = client(
-                    kind, duration + 60, url=url, duration=duration, warmup=1.0, **extra
+    # Bulk runs swing as much as single POSTs: in full mode each row also runs three
+    # times, interleaved with the others, and keeps its median run.
+    bulk_runs: dict[str, list[dict[str, Any]]] = {}
+    for _round in range(rounds):
+        for store_name, store_config, cwd in variants:
+            stream_config = {
+                **INGEST_CONFIG,
+                **store_config,
+                "stream_listen": ["tcp://127.0.0.1:0"],
+            }
+            for name, kind, extra in runs:
+                label = f"{name}, {store_name}"
+                with server("relay", cwd=cwd, config=stream_config) as (_, info):
+                    url = info["stream"][0] if kind == "stream" else info["url"]
+                    run = client(
+                        kind, duration + 60, url=url, duration=duration, warmup=1.0, **extra
+                    )
+                    run["store"] = store_stats(info["url"]) if cwd is None else {}
+                bulk_runs.setdefault(label, []).append(run)
+                log(
+                    f"  {label}: {run['reports_per_s']:.0f} reports/s, "
+                    f"round trip p99 {run['round_trip_p99_ms']:.1f} ms, "
+                    f"mean commit group {run['store'].get('mean_group', 0):.0f}"
                 )
-                bulk[label]["store"] = store_stats(info["url"]) if cwd is None else {}
-            log(
-                f"  {label}: {bulk[label]['reports_per_s']:.0f} reports/s, "
-                f"round trip p99 {bulk[label]['round_trip_p99_ms']:.1f} ms, "
-                f"mean commit group {bulk[label]['store'].get('mean_group', 0):.0f}"
-            )
+    for label, of_label in bulk_runs.items():
+        ordered = sorted(of_label, key=lambda r: r["reports_per_s"])
+        bulk[label] = {
+            **ordered[len(ordered) // 2],
+            "runs_reports_per_s": [round(r["reports_per_s"]) for r in of_label],
+        }
     ceiling = posts["quart-trio (bare)"]["rps"]
     uvicorn = posts["starlette+uvicorn (bare)"]["rps"]
     relay = posts["relay-trio"]["rps"]
