@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from .core.model import new_tuple
 from .core.webhooks import TraceContext, new_trace
 
 if TYPE_CHECKING:  # pragma: no cover - types only
@@ -28,9 +29,6 @@ if TYPE_CHECKING:  # pragma: no cover - types only
 _ids = random.Random()
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
-
-
-_new_tuple = tuple.__new__
 
 
 class _HexPool:
@@ -118,7 +116,7 @@ class Tracing:
                 trace_id = ids[:32]
                 if trace_id == _ZERO_TRACE:
                     return start_trace()._replace(parent_id=span_id)
-                return _new_tuple(TraceContext, (trace_id, span_id, "01", None))
+                return new_tuple(TraceContext, (trace_id, span_id, "01", None))
             return TraceContext(incoming.trace_id, span_id, incoming.flags, incoming.tracestate)
         span = self.tracer.start_span(
             "relay.admit",

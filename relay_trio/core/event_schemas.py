@@ -19,6 +19,8 @@ from typing import Any, Final, NamedTuple
 
 import attrs
 
+from .model import new_tuple
+
 #: JSON types a field may have, by name as shown in docs/events.md.
 _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "string": (str,),
@@ -27,10 +29,6 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "boolean": (bool,),
     "string or null": (str, type(None)),
 }
-
-
-#: Builds a named tuple without its Python-level ``__new__`` (the per-report events).
-_new_tuple = tuple.__new__
 
 
 class EventData(NamedTuple):
@@ -268,7 +266,7 @@ def report_admitted(
     data: dict[str, Any] = {"message_id": message_id, "resource_id": resource_id, "kind": kind}
     if superseded is not None:
         data["superseded"] = superseded
-    return _new_tuple(EventData, ("reports", data))  # one per admitted report
+    return new_tuple(EventData, ("reports", data))  # one per admitted report
 
 
 def report_dropped(resource_id: str, reason: str) -> EventData:
@@ -288,7 +286,7 @@ def ack_received(
     }
     if reason:
         data["reason"] = reason
-    return _new_tuple(EventData, ("acks", data))  # one per ACK
+    return new_tuple(EventData, ("acks", data))  # one per ACK
 
 
 def dead_lettered(message_id: str, resource_id: str, reason: str, attempts: int) -> EventData:

@@ -30,6 +30,7 @@ import trio
 from ..core import event_schemas as ev
 from ..core.config import RelayConfig
 from ..core.ids import MessageId
+from ..core.model import new_tuple
 from ..core.resources import ResourceState, ResourceTable
 from ..core.routing import HealthPolicy, UpstreamRouter
 from ..core.umh import AckOutcome, Attempt, DeadLetter, Due, RetryPolicy, UnconfirmedMessages
@@ -53,10 +54,6 @@ from .senders import SenderPool
 
 log = logging.getLogger("relay_trio")
 
-#: Builds a named tuple without its Python-level ``__new__`` (about 0.1 us a call): for
-#: the records built once per message. Every field is given, in order.
-_new_tuple = tuple.__new__
-
 #: How long a resend waits before another try when the send channel is full.
 DEFER_WHEN_FULL: Final = 1.0
 
@@ -69,7 +66,7 @@ def attempt_records(history: Sequence[Attempt], wall_offset: float) -> tuple[Att
 def resource_record(state: ResourceState, wall_offset: float) -> ResourceRecord:
     """The durable part of a resource entry (bucket, sequence, last ACK), in wall-clock time."""
     acked = state.last_acked_at
-    return _new_tuple(  # one per ACK
+    return new_tuple(  # one per ACK
         ResourceRecord,
         (
             state.resource_id,
@@ -164,7 +161,7 @@ class Delivery:
         """
         try:
             self._send_tx.send_nowait(
-                _new_tuple(
+                new_tuple(
                     Outbound, (message_id, state.resource_id, kind, payload, 1, upstream, trace)
                 )
             )
@@ -335,7 +332,7 @@ class Delivery:
                     state.payload = None
             if self.store.keeps_rows:
                 staged = [] if ops is None else ops
-                staged.append(_new_tuple(DeleteMessage, (message_id,)))
+                staged.append(new_tuple(DeleteMessage, (message_id,)))
                 if state is not None:
                     staged.append(resource_record(state, self.wall_clock() - now))
                 if ops is None:
