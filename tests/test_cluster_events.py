@@ -3,6 +3,7 @@ stream; ids are its sequence, every ring mirrors it, SSE resumes on any instance
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
@@ -85,6 +86,21 @@ def settled(relays: list[Relay], reports: int) -> bool:
     """Every mirror has every event: each instance's ``started``, the reports and their
     synchronous ACKs (the upstreams acknowledge at once), nothing else."""
     return all(r.hub.ring.last_id == len(relays) + 2 * reports for r in relays)
+
+
+async def settle(relays: list[Relay], reports: int) -> None:
+    """Wait (10 s at most) until :func:`settled`; if it never is, fail naming what each
+    mirror holds (its last id and how many events of each topic)."""
+    with trio.move_on_after(10):
+        while not settled(relays, reports):  # noqa: ASYNC110 - mirrors fill from NATS
+            await trio.sleep(0.01)
+    held = []
+    for r in relays:
+        ring = r.hub.ring
+        topics = Counter(e.topic for e in ring.page(0, 1000).events)
+        held.append((ring.last_id, dict(topics)))
+    expected = len(relays) + 2 * reports
+    assert settled(relays, reports), f"expected last id {expected} everywhere, got {held}"
 
 
 async def test_a_report_posted_to_a_reaches_sse_on_b_and_c_with_the_same_id(
@@ -187,7 +203,7 @@ async def test_paging_returns_the_same_ids_and_data_on_every_instance(
             for i in range(3):
                 nursery.start_soon(load, i)
         await post(clients[0], "last")
-        await eventually(lambda: settled(relays, 121))
+        await settle(relays, 121)
         bodies = [(await c.get("/v1/events?after=0&limit=1000")).content for c in clients]
         assert bodies[0] == bodies[1] == bodies[2]
         events = orjson.loads(bodies[0])["events"]
@@ -221,7 +237,7 @@ async def test_ids_older_than_the_mirror_come_from_the_stream_and_gone_ones_get_
         a, b, c = (client for _, client, _ in nodes)
         for i in range(60):
             await post((a, b, c)[i % 3], f"vm-{i}")
-        await eventually(lambda: settled(relays, 60))
+        await settle(relays, 60)
         ring = relays[1].hub.ring
         last = ring.last_id
         info = await node(relays[1]).bridge.call(
