@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import trio
 from nats_helpers import NatsServer, instances, running_nats
@@ -79,9 +80,19 @@ async def test_redrive_on_another_instance_keeps_ids_with_a_fresh_attempt_count(
         # Same ids, attempt 1 again; the redriven ones are gone from the dead letters.
         await eventually(lambda: sorted(received(ups)) == sorted([(ids[0], 1), (ids[1], 1)]))
         assert [d["message_id"] for d in await dead_letters(a)] == [ids[2]]
+        # The redrive events reach B's page once B's mirror has them (a page is what the
+        # instance has mirrored so far): wait for both, then nothing for the third.
+        ring = nodes[1][0].relay.hub.ring
+        redriven = {("redriven", ids[0]), ("redriven", ids[1])}
+
+        def mirrored() -> set[tuple[str, str]]:
+            data = [orjson.loads(e.json)["data"] for e in ring.page(0, 1000, "deadletter").events]
+            return {(d["action"], d["message_id"]) for d in data}
+
+        await eventually(lambda: redriven <= mirrored())
         events = (await b.get("/v1/events", params={"topic": "deadletter"})).json()["events"]
         actions = [(e["data"].get("action"), e["data"]["message_id"]) for e in events]
-        assert ("redriven", ids[0]) in actions and ("redriven", ids[2]) not in actions
+        assert redriven <= set(actions) and ("redriven", ids[2]) not in actions
         # Delivered and acknowledged: nothing left to redrive for them.
         again = await redrive(a, message_ids=ids[:2])
         assert again["matched"] == 0
